@@ -1,0 +1,154 @@
+"""The `cadfl` command: one sub-command per job, each a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+
+
+class UserError(Exception):
+    """A mistake in the command line, config or data: printed without a traceback."""
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,32,32, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive sizes C,H,W, got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    from .models import MODELS
+
+    p = sub.add_parser(
+        "profile", help="per-layer params, FLOPs, activation memory and energy of a model",
+        description="Profile a model layer by layer: output shape, parameters, forward FLOPs "
+        "(counted by torch.utils.flop_counter), activation memory and an energy estimate from a "
+        "per-operation energy model (Horowitz, ISSCC 2014). With --compare, draw the share of "
+        "FLOPs and energy in conv vs fully-connected layers for several models.")
+    p.add_argument("model", nargs="?", choices=list(MODELS), metavar="MODEL",
+                   help=f"model to profile, one of: {', '.join(MODELS)}")
+    p.add_argument("--compare", nargs="+", choices=list(MODELS), metavar="MODEL",
+                   help="profile several models and compare conv vs FC shares")
+    p.add_argument("--input-shape", type=_parse_shape, metavar="C,H,W",
+                   help="input shape (default: the model's own, 3,32,32 for CIFAR models)")
+    p.add_argument("--num-classes", type=int, default=10, help="number of logits (default 10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--plot", metavar="PNG", help="write a bar chart of conv/FC shares to PNG")
+    p.set_defaults(handler=_cmd_profile)
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .analysis.profile import profile_command
+
+    if not args.model and not args.compare:
+        raise UserError("give a MODEL to profile or --compare MODEL [MODEL ...]")
+    return profile_command(args)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="simulate federated training: algorithms side by side on one partition",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run every algorithm of a config on the same data partition and initial "
+        "weights, one process, deterministic for a seed.\n\nWith no CONFIG, runs the embedded "
+        "default (digits, 10 devices x 5 classes). The run directory gets config.toml, "
+        "partition.json, metrics.jsonl (one line per round and algorithm), summary.md, "
+        "curves.png and checkpoints/.",
+        epilog="examples:\n"
+        "  cadfl run\n"
+        "  cadfl run configs/cifar10-alexnet-5cls.toml --set data_fraction=0.2 --set rounds=30\n"
+        "  cadfl run --set 'algorithms=[\"fedavg\",\"fedprox\"]' --set train.lr=0.02\n"
+        "  cadfl run --resume runs/demo")
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="TOML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting; dotted keys for sections, TOML values "
+                   "(e.g. --set rounds=5 --set train.lr=0.01); repeatable")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/NAME-TIMESTAMP)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the interrupted run in DIR with its own config.toml")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder holding datasets (e.g. DIR/cifar-10-batches-py); "
+                   "default $CADFL_DATA, then ~/.cache/cadfl")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (for CI and logs)")
+    p.set_defaults(handler=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from .report.summary import summarize, text_table
+    from .sim.config import load_config
+    from .sim.engine import run_experiment
+
+    if args.resume:
+        if args.config or args.overrides or args.out:
+            raise UserError("--resume DIR continues a run with its own config.toml; "
+                            "CONFIG, --set and --out cannot be combined with it")
+        out = Path(args.resume)
+        if not (out / "config.toml").exists():
+            raise UserError(f"{out} is not a run directory (no config.toml)")
+        cfg = load_config(out / "config.toml")
+    else:
+        overrides = list(args.overrides)
+        if args.data_dir:
+            overrides.append(f"data_dir={json.dumps(args.data_dir)}")
+        cfg = load_config(args.config, overrides)
+        name = Path(args.config).stem if args.config else "default"
+        out = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if (out / "metrics.jsonl").exists():
+            raise UserError(f"{out} already holds a run: continue it with --resume {out}, "
+                            "or choose another --out")
+    lines = run_experiment(cfg, out, resume=bool(args.resume), quiet=args.quiet)
+    print(text_table(summarize(lines, cfg.target_acc, cfg.sampled_per_round())))
+    print(f"\nrun directory: {out}  (summary.md, curves.png, metrics.jsonl)")
+    return 0
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that report a user's mistake: shown as one message, no traceback."""
+    from .data.datasets import DataError
+    from .data.partition import PartitionError
+    from .models import SpecError
+    from .sim.checkpoint import CheckpointError
+    from .sim.config import ConfigError
+
+    return (UserError, SpecError, DataError, PartitionError, ConfigError, CheckpointError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (sub-commands registered here, implemented in the library)."""
+    parser = argparse.ArgumentParser(
+        prog="cadfl",
+        description="Context-aware distributed learning (CAD) of CNNs across mobile devices: "
+        "simulate CAD against FedAvg and friends, profile models, and look inside them.")
+    parser.add_argument("--version", action="version", version=f"cadfl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_profile(sub)
+    _add_run(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `cadfl` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except _user_errors() as exc:
+        print(f"cadfl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The device side: build the network from a payload, train it on local tensors, evaluate.
+
+Nothing here knows which algorithm sent the payload. Labels are global class ids; the payload's
+spec says which class each logit stands for, and samples of other classes are left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.augment import random_crop_flip, to_float
+from ..models import ModelSpec, build_model
+from .payload import Payload, State, Update
+
+EVAL_BATCH = 1000
+_train_flops_cache: dict[str, int] = {}
+
+
+@dataclass
+class DeviceData:
+    """A device's local samples as tensors, with the dataset's normalisation and augmentation."""
+
+    x: torch.Tensor  # uint8 (N, C, H, W)
+    y: torch.Tensor  # int64 global labels (N,)
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int = 0
+    flip: bool = False
+
+    def class_counts(self) -> list[int]:
+        """Samples per global class."""
+        return torch.bincount(self.y, minlength=self.num_classes).tolist()
+
+
+def load_model(spec: ModelSpec, state: State) -> nn.Module:
+    """Build the network of `spec`, load `state`, and switch to channels-last for speed."""
+    model = build_model(spec)
+    model.load_state_dict(state)
+    return model.to(memory_format=torch.channels_last)
+
+
+def label_map(spec: ModelSpec, num_classes: int) -> torch.Tensor:
+    """Global class id -> logit index of `spec` (-1 for classes the model does not have)."""
+    lut = torch.full((num_classes,), -1, dtype=torch.long)
+    lut[torch.tensor(spec.class_ids)] = torch.arange(spec.num_classes)
+    return lut
+
+
+def train_flops_per_sample(spec: ModelSpec) -> int:
+    """Forward + backward FLOPs of one training sample, counted by torch (cached per spec)."""
+    from ..analysis.profile import train_flops
+
+    key = repr(spec.to_dict())
+    if key not in _train_flops_cache:
+        batch = 2  # batch norm needs more than one value per channel in training mode
+        _train_flops_cache[key] = train_flops(build_model(spec), spec.input_shape, batch) // batch
+    return _train_flops_cache[key]
+
+
+def train_local(payload: Payload, data: DeviceData) -> Update:
+    """Train the payload's model on the device's data and return the update.
+
+    Local SGD for `config.epochs` epochs with cross-entropy over the model's own classes, plus
+    FedProx's proximal term (mu/2)||w - w_global||^2 when `config.mu` > 0. All randomness
+    (order, augmentation, dropout) comes from `config.seed`, so a device's training is a pure
+    function of its payload and data.
+    """
+    cfg = payload.config
+    lut = label_map(payload.spec, data.num_classes)
+    keep = lut[data.y] >= 0
+    x, y = data.x[keep], lut[data.y[keep]]
+    n = len(y)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        model = load_model(payload.spec, payload.state).train()
+        xf = to_float(x, data.mean, data.std).contiguous(memory_format=torch.channels_last)
+        params = list(model.parameters())
+        anchor = [p.detach().clone() for p in params] if cfg.mu > 0 else None
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start:start + cfg.batch_size]
+                xb = xf[idx]
+                if cfg.augment:
+                    xb = random_crop_flip(xb, data.crop_padding, data.flip, gen)
+                ce = F.cross_entropy(model(xb), y[idx])
+                loss = ce
+                if anchor is not None:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                    loss = ce + cfg.mu / 2 * prox
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += ce.detach() * len(idx)
+    seen = n * cfg.epochs
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    return Update(
+        state=state, num_samples=n,
+        class_counts=torch.bincount(data.y[keep], minlength=data.num_classes).tolist(),
+        metrics={"train_loss": float(loss_sum) / max(seen, 1),
+                 "train_flops": float(train_flops_per_sample(payload.spec) * seen)})
+
+
+def predict(spec: ModelSpec, state: State, x: torch.Tensor, mean: tuple[float, ...],
+            std: tuple[float, ...], batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Logits (N, spec.num_classes) of the model on uint8 images, batched, in inference mode."""
+    model = load_model(spec, state).eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            xb = to_float(x[start:start + batch_size], mean, std)
+            out.append(model(xb.contiguous(memory_format=torch.channels_last)).float())
+    return torch.cat(out) if out else torch.zeros(0, spec.num_classes)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor, spec: ModelSpec,
+             classes: tuple[int, ...] | None = None) -> float:
+    """Accuracy of `logits` (from `spec`'s model) on global labels `y`.
+
+    With `classes`, the prediction is restricted to those classes' logits and only samples of
+    those classes count: a device's accuracy within its own context.
+    """
+    ids = torch.tensor(spec.class_ids)
+    if classes is not None:
+        size = max(*spec.class_ids, *classes) + 1
+        pos = label_map(spec, size)[torch.tensor(classes)]
+        if (pos < 0).any():
+            raise ValueError(f"classes {classes} are not all among the model's {spec.class_ids}")
+        mask = torch.isin(y, torch.tensor(classes))
+        logits, y, ids = logits[mask][:, pos], y[mask], ids[pos]
+    if len(y) == 0:
+        return float("nan")
+    return (ids[logits.argmax(1)] == y).float().mean().item()

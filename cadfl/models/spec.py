@@ -1,0 +1,316 @@
+"""Models as data: a `ModelSpec` is an input shape and a list of `Layer`s; `build_model` makes it.
+
+A spec is plain, JSON-serialisable data, so it can travel inside a payload to a device, which
+builds the network without knowing which algorithm produced it. Conv and linear layers may carry
+*channel groups*: contiguous runs of output channels, one per class path (see `cadfl.cad`).
+A layer with `grouped_in` connects each output group only to the matching input group
+(block-diagonal weights, stored as a PyTorch grouped convolution / grouped linear layer).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+KINDS = ("conv", "bn", "relu", "maxpool", "flatten", "linear", "dropout")
+_NAME_PREFIX = {"conv": "conv", "bn": "bn", "relu": "relu", "maxpool": "pool",
+                "flatten": "flatten", "linear": "fc", "dropout": "drop"}
+
+
+class SpecError(ValueError):
+    """A model spec that cannot be built: the message names the layer and the problem."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of a model spec.
+
+    `in_ch`/`out_ch` are channels for conv and batch norm, features for linear layers.
+    `groups` lists the sizes of contiguous output-channel groups (class paths), or None for a
+    dense layer. `grouped_in` makes output group i read only input group i; all groups must then
+    be equal, which is how CAD builds them.
+    """
+
+    kind: str
+    in_ch: int = 0
+    out_ch: int = 0
+    kernel: int = 0
+    stride: int = 1
+    padding: int = 0
+    bias: bool = True
+    p: float = 0.0
+    groups: tuple[int, ...] | None = None
+    grouped_in: bool = False
+
+    @property
+    def has_params(self) -> bool:
+        """Whether the layer owns weights (conv, linear, batch norm)."""
+        return self.kind in ("conv", "linear", "bn")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The layer as a dict holding only fields that differ from their defaults."""
+        defaults = Layer(kind=self.kind)
+        out = {k: v for k, v in asdict(self).items() if v != getattr(defaults, k) or k == "kind"}
+        if "groups" in out:
+            out["groups"] = list(out["groups"])
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Layer:
+        """Inverse of `to_dict`; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise SpecError(f"unknown layer field(s) {sorted(unknown)}; valid: {sorted(known)}")
+        if "kind" not in d:
+            raise SpecError(f"layer {d} has no 'kind'; valid kinds: {', '.join(KINDS)}")
+        d = dict(d)
+        if d.get("groups") is not None:
+            d["groups"] = tuple(int(g) for g in d["groups"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A CNN as data: `input_shape` (C, H, W), layers in order, and the class of each logit.
+
+    `classes` maps logit i (and channel group i of every grouped layer) to a global class id;
+    None means logits 0..K-1 are classes 0..K-1.
+    """
+
+    name: str
+    input_shape: tuple[int, int, int]
+    layers: tuple[Layer, ...]
+    classes: tuple[int, ...] | None = None
+    names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+        object.__setattr__(self, "names", layer_names(self.layers))
+        self.shapes()  # validates the whole chain
+
+    @property
+    def num_classes(self) -> int:
+        """Number of logits (output features of the last linear layer)."""
+        return self.layers[-1].out_ch
+
+    @property
+    def class_ids(self) -> tuple[int, ...]:
+        """Global class id of every logit."""
+        return self.classes if self.classes is not None else tuple(range(self.num_classes))
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Output shape (without batch) of every layer; raises SpecError on any mismatch."""
+        shape: tuple[int, ...] = self.input_shape
+        out = []
+        for name, layer in zip(self.names, self.layers, strict=True):
+            shape = _output_shape(name, layer, shape)
+            out.append(shape)
+        if not self.layers or self.layers[-1].kind != "linear":
+            raise SpecError(f"model {self.name!r}: the last layer must be linear (the logits)")
+        if self.classes is not None and len(self.classes) != self.num_classes:
+            raise SpecError(f"model {self.name!r}: {len(self.classes)} class ids for "
+                            f"{self.num_classes} logits")
+        return out
+
+    def layer(self, name: str) -> Layer:
+        """The layer called `name` (e.g. 'conv3')."""
+        try:
+            return self.layers[self.names.index(name)]
+        except ValueError:
+            raise SpecError(f"no layer {name!r}; layers: {', '.join(self.names)}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (used in payloads and checkpoints)."""
+        return {"name": self.name, "input_shape": list(self.input_shape),
+                "classes": None if self.classes is None else list(self.classes),
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        """Inverse of `to_dict`."""
+        return cls(name=d["name"], input_shape=tuple(d["input_shape"]),
+                   layers=tuple(Layer.from_dict(x) for x in d["layers"]),
+                   classes=None if d.get("classes") is None else tuple(d["classes"]))
+
+    def replace_layers(self, layers: list[Layer], classes: tuple[int, ...] | None) -> ModelSpec:
+        """A copy with other layers and class ids (used to derive decoupled and sub-models)."""
+        return replace(self, layers=tuple(layers), classes=classes)
+
+
+def layer_names(layers: tuple[Layer, ...] | list[Layer]) -> tuple[str, ...]:
+    """Readable, stable names: conv1, bn1, relu1, pool1, ..., flatten, fc1, drop1, ..."""
+    counts: dict[str, int] = {}
+    names = []
+    for layer in layers:
+        if layer.kind not in KINDS:
+            raise SpecError(f"unknown layer kind {layer.kind!r}; valid: {', '.join(KINDS)}")
+        counts[layer.kind] = counts.get(layer.kind, 0) + 1
+        prefix = _NAME_PREFIX[layer.kind]
+        names.append(prefix if layer.kind == "flatten" and counts["flatten"] == 1
+                     else f"{prefix}{counts[layer.kind]}")
+    return tuple(names)
+
+
+def _output_shape(name: str, layer: Layer, shape: tuple[int, ...]) -> tuple[int, ...]:
+    def fail(msg: str) -> SpecError:
+        return SpecError(f"layer {name}: {msg} (input shape {shape})")
+
+    if layer.groups is not None:
+        if layer.kind not in ("conv", "linear", "bn"):
+            raise fail("only conv, linear and bn layers can have channel groups")
+        if sum(layer.groups) != layer.out_ch or min(layer.groups) < 1:
+            raise fail(f"groups {layer.groups} must be positive and sum to out_ch={layer.out_ch}")
+    if layer.grouped_in:
+        if layer.groups is None or len(set(layer.groups)) != 1:
+            raise fail("grouped_in needs equal channel groups")
+        if layer.in_ch % len(layer.groups):
+            raise fail(f"in_ch={layer.in_ch} does not split into {len(layer.groups)} groups")
+    if layer.kind in ("conv", "bn", "maxpool"):
+        if len(shape) != 3:
+            raise fail("expects a (C, H, W) input")
+        c, h, w = shape
+        if layer.kind == "bn":
+            if layer.out_ch != c or layer.in_ch != c:
+                raise fail(f"bn channels {layer.out_ch} != input channels {c}")
+            return shape
+        if layer.kind == "conv" and layer.in_ch != c:
+            raise fail(f"in_ch={layer.in_ch} but the input has {c} channels")
+        h2 = (h + 2 * layer.padding - layer.kernel) // layer.stride + 1
+        w2 = (w + 2 * layer.padding - layer.kernel) // layer.stride + 1
+        if h2 < 1 or w2 < 1 or layer.kernel < 1:
+            raise fail(f"kernel {layer.kernel} stride {layer.stride} leaves no output")
+        return (layer.out_ch if layer.kind == "conv" else c, h2, w2)
+    if layer.kind == "flatten":
+        n = 1
+        for s in shape:
+            n *= s
+        return (n,)
+    if layer.kind == "linear":
+        if len(shape) != 1:
+            raise fail("linear layer needs a flat input: add a flatten layer")
+        if layer.in_ch != shape[0]:
+            raise fail(f"in_ch={layer.in_ch} but the input has {shape[0]} features")
+        return (layer.out_ch,)
+    if layer.kind == "dropout" and not 0.0 <= layer.p < 1.0:
+        raise fail(f"dropout p={layer.p} must be in [0, 1)")
+    return shape
+
+
+class GroupedLinear(nn.Module):
+    """A block-diagonal linear layer: output group g reads only input group g.
+
+    The weight is stored as (out_features, in_features // groups), like a grouped convolution,
+    so a class path's rows are a plain slice of it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // groups))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        # Same init as nn.Linear, with the fan-in of one group.
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        if self.bias is not None:
+            bound = 1 / (in_features // groups) ** 0.5
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.groups
+        xg = x.reshape(x.shape[0], g, self.in_features // g)
+        w = self.weight.view(g, self.out_features // g, self.in_features // g)
+        y = torch.einsum("bgi,goi->bgo", xg, w).reshape(x.shape[0], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def _module(layer: Layer) -> nn.Module:
+    g = len(layer.groups) if layer.grouped_in else 1
+    if layer.kind == "conv":
+        return nn.Conv2d(layer.in_ch, layer.out_ch, layer.kernel, layer.stride, layer.padding,
+                         groups=g, bias=layer.bias)
+    if layer.kind == "linear":
+        if g > 1:
+            return GroupedLinear(layer.in_ch, layer.out_ch, g, bias=layer.bias)
+        return nn.Linear(layer.in_ch, layer.out_ch, bias=layer.bias)
+    if layer.kind == "bn":
+        return nn.BatchNorm2d(layer.out_ch)
+    if layer.kind == "relu":
+        return nn.ReLU()
+    if layer.kind == "maxpool":
+        return nn.MaxPool2d(layer.kernel, layer.stride, layer.padding)
+    if layer.kind == "flatten":
+        return nn.Flatten()
+    return nn.Dropout(layer.p)
+
+
+def build_model(spec: ModelSpec) -> nn.Sequential:
+    """Turn a spec into an `nn.Sequential` whose module names are the spec's layer names.
+
+    Weights are drawn from torch's global RNG: seed it first for reproducible initialisation.
+    """
+    return nn.Sequential(OrderedDict(
+        (name, _module(layer)) for name, layer in zip(spec.names, spec.layers, strict=True)))
+
+
+def spec_from_config(
+    name: str,
+    config: list[int | str | tuple[int, int, int]],
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    batch_norm: bool = False,
+    hidden: tuple[int, ...] = (),
+    dropout: float = 0.0,
+) -> ModelSpec:
+    """Build a spec from a VGG-style config list.
+
+    Entries: an int `n` is a 3x3 conv (padding 1) with n filters, a tuple `(n, k, pad)` a k x k
+    conv, and 'M' a 2x2 max-pool. Every conv is followed by batch norm (if `batch_norm`, and then
+    the conv has no bias) and ReLU. Then flatten, one linear + ReLU per `hidden` width (each
+    preceded by dropout when `dropout` > 0), and a final linear layer to `num_classes` logits.
+    """
+    if num_classes < 1:
+        raise SpecError(f"num_classes must be >= 1, got {num_classes}")
+    layers: list[Layer] = []
+    channels = input_shape[0]
+    for entry in config:
+        if entry == "M":
+            layers.append(Layer("maxpool", kernel=2, stride=2))
+            continue
+        out, kernel, pad = (entry, 3, 1) if isinstance(entry, int) else entry
+        layers.append(Layer("conv", channels, out, kernel=kernel, padding=pad,
+                            bias=not batch_norm))
+        if batch_norm:
+            layers.append(Layer("bn", out, out))
+        layers.append(Layer("relu"))
+        channels = out
+    layers.append(Layer("flatten"))
+    features = _flat_features(name, input_shape, layers)
+    for width in hidden:
+        if dropout > 0:
+            layers.append(Layer("dropout", p=dropout))
+        layers += [Layer("linear", features, width), Layer("relu")]
+        features = width
+    layers.append(Layer("linear", features, num_classes))
+    return ModelSpec(name=name, input_shape=input_shape, layers=tuple(layers))
+
+
+def _flat_features(name: str, input_shape: tuple[int, int, int], layers: list[Layer]) -> int:
+    shape: tuple[int, ...] = tuple(input_shape)
+    for lname, layer in zip(layer_names(layers), layers, strict=True):
+        shape = _output_shape(f"{name}.{lname}", layer, shape)
+    return shape[0]
+
+
+def count_params(spec: ModelSpec) -> int:
+    """Number of trainable parameters of the built model (built on the meta device, so the
+    global RNG and memory are untouched)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(spec).parameters())

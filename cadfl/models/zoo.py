@@ -1,0 +1,84 @@
+"""The model zoo: each model is a config list turned into a `ModelSpec` by `spec_from_config`.
+
+Exact shapes (CIFAR input 3x32x32):
+
+- `lenet5`: conv 5x5 6 - pool - conv 5x5 16 - pool - fc 120 - fc 84 - fc K (no padding).
+- `alexnet` (CIFAR variant): five 3x3 convs (padding 1) 64 - pool - 192 - pool - 384 - 256 - 256
+  - pool (32 -> 16 -> 8 -> 4), then dropout 0.5 - fc 1024 - dropout 0.5 - fc 1024 - fc K on the
+  256x4x4 = 4096 features; no batch norm (switchable). 172M multiply-adds forward, 167M of
+  them in the convs.
+- `vgg11` / `vgg16` (CIFAR variants): VGG configs A and D of 3x3 convs with batch norm (on by
+  default, switchable), five 2x2 max-pools to 1x1x512, and one fc 512 -> K. VGG-16: 313M
+  multiply-adds forward.
+- `digits_cnn`: for 8x8 digits: conv 32 - pool - conv 64 - pool - conv 128 (batch norm) -
+  fc K on 128x2x2. Small enough to train in seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .spec import ModelSpec, SpecError, spec_from_config
+
+CIFAR_SHAPE = (3, 32, 32)
+DIGITS_SHAPE = (1, 8, 8)
+
+VGG_CONFIGS = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512, "M"],
+}
+
+
+def lenet5(num_classes: int = 10, input_shape: tuple[int, int, int] = CIFAR_SHAPE,
+           batch_norm: bool = False) -> ModelSpec:
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max-pooling."""
+    return spec_from_config("lenet5", [(6, 5, 0), "M", (16, 5, 0), "M"], input_shape,
+                            num_classes, batch_norm=batch_norm, hidden=(120, 84))
+
+
+def alexnet(num_classes: int = 10, input_shape: tuple[int, int, int] = CIFAR_SHAPE,
+            batch_norm: bool = False) -> ModelSpec:
+    """AlexNet for 32x32 inputs: 5 conv layers 64-192-384-256-256 and a 1024-1024 classifier."""
+    return spec_from_config("alexnet", [64, "M", 192, "M", 384, 256, 256, "M"], input_shape,
+                            num_classes, batch_norm=batch_norm, hidden=(1024, 1024), dropout=0.5)
+
+
+def vgg11(num_classes: int = 10, input_shape: tuple[int, int, int] = CIFAR_SHAPE,
+          batch_norm: bool = True) -> ModelSpec:
+    """VGG-11 (config A) for CIFAR: 8 conv layers, one linear classifier."""
+    return spec_from_config("vgg11", VGG_CONFIGS["vgg11"], input_shape, num_classes,
+                            batch_norm=batch_norm)
+
+
+def vgg16(num_classes: int = 10, input_shape: tuple[int, int, int] = CIFAR_SHAPE,
+          batch_norm: bool = True) -> ModelSpec:
+    """VGG-16 (config D) for CIFAR: 13 conv layers, one linear classifier."""
+    return spec_from_config("vgg16", VGG_CONFIGS["vgg16"], input_shape, num_classes,
+                            batch_norm=batch_norm)
+
+
+def digits_cnn(num_classes: int = 10, input_shape: tuple[int, int, int] = DIGITS_SHAPE,
+               batch_norm: bool = True) -> ModelSpec:
+    """A small CNN for 8x8 digits whose last conv layer (128 filters) is wide enough to split."""
+    return spec_from_config("digits_cnn", [32, "M", 64, "M", 128], input_shape, num_classes,
+                            batch_norm=batch_norm)
+
+
+MODELS: dict[str, Callable[..., ModelSpec]] = {
+    "lenet5": lenet5, "alexnet": alexnet, "vgg11": vgg11, "vgg16": vgg16,
+    "digits_cnn": digits_cnn,
+}
+DEFAULT_INPUT = {"lenet5": CIFAR_SHAPE, "alexnet": CIFAR_SHAPE, "vgg11": CIFAR_SHAPE,
+                 "vgg16": CIFAR_SHAPE, "digits_cnn": DIGITS_SHAPE}
+
+
+def get_model(name: str, num_classes: int = 10,
+              input_shape: tuple[int, int, int] | None = None,
+              batch_norm: bool | None = None) -> ModelSpec:
+    """Look a model up by name; unknown names fail with the list of valid ones."""
+    if name not in MODELS:
+        raise SpecError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    kwargs = {} if batch_norm is None else {"batch_norm": batch_norm}
+    return MODELS[name](num_classes=num_classes, input_shape=input_shape or DEFAULT_INPUT[name],
+                        **kwargs)

@@ -1,0 +1,71 @@
+"""Run summaries: per-algorithm best/last accuracy, rounds to a target, bytes and FLOPs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def _clean(values: Sequence[float | None]) -> list[float]:
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
+def summarize(lines: Sequence[dict], target: float, participants: int) -> list[dict]:
+    """One row per algorithm (in first-seen order) from metrics lines.
+
+    `rounds_to_target` is the first round whose accuracy reaches `target` (global accuracy, or
+    context accuracy for algorithms without a global model), None if never. `total_mb` is all
+    bytes moved, down and up, over all participants and rounds.
+    """
+    rows = []
+    for algo in dict.fromkeys(m["algorithm"] for m in lines):
+        ms = [m for m in lines if m["algorithm"] == algo]
+        g, c = _clean(m["global_acc"] for m in ms), _clean(m["context_acc"] for m in ms)
+        key = "global_acc" if g else "context_acc"
+        reached = [m["round"] for m in ms if m[key] is not None and m[key] >= target]
+        rows.append({
+            "algorithm": algo,
+            "rounds": max(m["round"] for m in ms),
+            "best_global_acc": max(g) if g else None,
+            "last_global_acc": g[-1] if g else None,
+            "best_context_acc": max(c) if c else None,
+            "last_context_acc": c[-1] if c else None,
+            "rounds_to_target": reached[0] if reached else None,
+            "mb_per_device_round": sum(m["bytes_down"] + m["bytes_up"] for m in ms)
+            / len(ms) / 1e6,
+            "total_mb": sum(m["bytes_down"] + m["bytes_up"] for m in ms) * participants / 1e6,
+            "gflops_per_device_round": sum(m["device_train_flops"] for m in ms) / len(ms) / 1e9,
+            "wall_s": sum(m["wall_s"] for m in ms),
+        })
+    return rows
+
+
+COLUMNS = [("algorithm", "algorithm", "{}"), ("best_global_acc", "best global", "{:.3f}"),
+           ("last_global_acc", "last global", "{:.3f}"),
+           ("best_context_acc", "best context", "{:.3f}"),
+           ("last_context_acc", "last context", "{:.3f}"),
+           ("rounds_to_target", "rounds to target", "{}"),
+           ("mb_per_device_round", "MB/device/round", "{:.3f}"),
+           ("total_mb", "total MB", "{:.1f}"),
+           ("gflops_per_device_round", "GFLOP/device/round", "{:.3f}"),
+           ("wall_s", "train s", "{:.1f}")]
+
+
+def _cells(row: dict) -> list[str]:
+    return ["-" if row[k] is None else fmt.format(row[k]) for k, _, fmt in COLUMNS]
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The summary as a Markdown table."""
+    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    return "\n".join([head, sep] + ["| " + " | ".join(_cells(r)) + " |" for r in rows])
+
+
+def text_table(rows: Sequence[dict]) -> str:
+    """The summary as an aligned plain-text table for the terminal."""
+    table = [[h for _, h, _ in COLUMNS]] + [_cells(r) for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+                     for r in table)

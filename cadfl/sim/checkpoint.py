@@ -1,0 +1,69 @@
+"""Checkpoints: the global state as safetensors (never pickle) plus a small JSON record.
+
+Both files are written atomically (temporary file, fsync, rename), the JSON last, and the JSON
+holds the SHA-256 of the weights file, so a checkpoint is either whole and verified or ignored.
+No random-generator state needs saving: every random draw of a round (device sampling, local
+shuffling, augmentation, dropout) is seeded from (seed, round, device), so the round number is
+the whole RNG state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing a file, truncated or altered; names the file."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(directory: Path, name: str, state: dict[str, torch.Tensor],
+                    record: dict[str, Any]) -> None:
+    """Write `name.safetensors` and `name.json` (the record plus the weights' hash)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / f"{name}.safetensors"
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    _atomic_write(weights, lambda p: save_file(tensors, str(p)))
+    meta = {**record, "sha256": _sha256(weights)}
+    _atomic_write(directory / f"{name}.json",
+                  lambda p: p.write_text(json.dumps(meta, indent=1, sort_keys=True)))
+
+
+def load_checkpoint(directory: Path, name: str
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The state and record saved under `name`, None if there is none; CheckpointError if bad."""
+    meta_path, weights = directory / f"{name}.json", directory / f"{name}.safetensors"
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint record {meta_path} is corrupt: {exc}") from None
+    if not weights.exists():
+        raise CheckpointError(f"checkpoint weights {weights} are missing")
+    if _sha256(weights) != meta.get("sha256"):
+        raise CheckpointError(f"checkpoint weights {weights} do not match their recorded "
+                              "SHA-256 (truncated or altered)")
+    return load_file(str(weights)), meta

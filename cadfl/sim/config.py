@@ -1,0 +1,220 @@
+"""The run configuration: one validated object from a TOML file plus `--set key=value` overrides.
+
+Every field has a type and an allowed range; a bad value fails before any work starts, with the
+field's dotted name and what is allowed. The defaults are the embedded demo (digits, 10 devices
+x 5 classes, a few dozen rounds): `cadfl run` with no config runs it.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config value that is missing, of the wrong type or out of range."""
+
+
+@dataclass
+class PartitionConfig:
+    """How training data is split over devices."""
+
+    scheme: str = "classes"  # iid | classes | dirichlet
+    k: int = 5  # classes per device (scheme "classes")
+    alpha: float = 0.5  # Dirichlet concentration (scheme "dirichlet")
+
+
+@dataclass
+class TrainSection:
+    """Local training on each device."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True
+
+
+@dataclass
+class FedProxConfig:
+    """FedProx's proximal strength."""
+
+    mu: float = 0.01
+
+
+@dataclass
+class Config:
+    """A whole experiment: data, model, devices, algorithms compared side by side, and rounds.
+
+    `sample` is a fraction of devices per round when a float in (0, 1], a number of devices
+    when an integer. `data_fraction` keeps that share of every class's training images (for
+    quick CPU-scale runs). `bn` is "average" or "keep_local" (batch-norm statistics).
+    """
+
+    dataset: str = "digits"
+    data_dir: str = ""
+    model: str = "digits_cnn"
+    batch_norm: bool = True
+    devices: int = 10
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    rounds: int = 30
+    algorithms: list[str] = field(default_factory=lambda: ["fedavg", "fedprox", "local"])
+    seed: int = 0
+    sample: int | float = 1.0
+    eval_every: int = 1
+    target_acc: float = 0.8
+    data_fraction: float = 1.0
+    bn: str = "average"
+    train: TrainSection = field(default_factory=TrainSection)
+    fedprox: FedProxConfig = field(default_factory=FedProxConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what is written to the run directory)."""
+        return asdict(self)
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML text."""
+        return tomli_w.dumps(self.to_dict())
+
+    def sampled_per_round(self) -> int:
+        """How many devices take part in a round."""
+        if isinstance(self.sample, int) and not isinstance(self.sample, bool):
+            return min(self.sample, self.devices)
+        return max(1, round(self.sample * self.devices))
+
+
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    """Return `value` converted to `hint` (int -> float allowed) or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(name, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}: expected {hint}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if type(value) is not hint:
+            raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")
+        return value
+    if is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a table of settings, got {value!r}")
+        return _from_dict(hint, value, prefix=f"{name}.")
+    raise TypeError(f"unsupported config type {hint}")  # a programming error, not a user one
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(prefix + u for u in unknown)}; "
+                          f"valid: {', '.join(prefix + n for n in names)}")
+    kwargs = {k: _check_type(prefix + k, v, hints[k]) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _range(name: str, value: float, low: float, high: float | None = None,
+           low_open: bool = False) -> None:
+    bad = value <= low if low_open else value < low
+    if bad or (high is not None and value > high):
+        left = "(" if low_open else "["
+        right = f"{high}]" if high is not None else "inf)"
+        raise ConfigError(f"{name}: {value!r} is out of range, allowed {left}{low}, {right}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check names and ranges; returns `cfg` or raises ConfigError naming the field."""
+    from ..data.datasets import DATASETS
+    from ..fl import ALGORITHMS
+    from ..models import MODELS
+
+    def one_of(name: str, value: str, valid: typing.Iterable[str]) -> None:
+        valid = list(valid)
+        if value not in valid:
+            raise ConfigError(f"{name}: unknown {value!r}; valid: {', '.join(valid)}")
+
+    one_of("dataset", cfg.dataset, DATASETS)
+    one_of("model", cfg.model, MODELS)
+    one_of("partition.scheme", cfg.partition.scheme, ("iid", "classes", "dirichlet"))
+    one_of("bn", cfg.bn, ("average", "keep_local"))
+    if not cfg.algorithms:
+        raise ConfigError("algorithms: give at least one algorithm")
+    for i, a in enumerate(cfg.algorithms):
+        one_of(f"algorithms[{i}]", a, ALGORITHMS)
+    if len(set(cfg.algorithms)) != len(cfg.algorithms):
+        raise ConfigError(f"algorithms: listed twice in {cfg.algorithms}")
+    _range("devices", cfg.devices, 1)
+    _range("rounds", cfg.rounds, 1)
+    _range("eval_every", cfg.eval_every, 1)
+    _range("seed", cfg.seed, 0)
+    _range("partition.k", cfg.partition.k, 1)
+    _range("partition.alpha", cfg.partition.alpha, 0, low_open=True)
+    _range("target_acc", cfg.target_acc, 0, 1)
+    _range("data_fraction", cfg.data_fraction, 0, 1, low_open=True)
+    if isinstance(cfg.sample, int):
+        _range("sample", cfg.sample, 1)
+    else:
+        _range("sample", cfg.sample, 0, 1, low_open=True)
+    _range("train.epochs", cfg.train.epochs, 1)
+    _range("train.batch_size", cfg.train.batch_size, 1)
+    _range("train.lr", cfg.train.lr, 0, low_open=True)
+    _range("train.momentum", cfg.train.momentum, 0, 1)
+    _range("train.weight_decay", cfg.train.weight_decay, 0)
+    _range("fedprox.mu", cfg.fedprox.mu, 0)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one `--set key=value`: dotted key, TOML value (bare words are taken as strings)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set rounds=5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The validated config: defaults, then the TOML file (if any), then the overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return validate(_from_dict(Config, data))

@@ -1,0 +1,231 @@
+"""The in-process simulation engine: devices trained one after another on shared tensors.
+
+One `Experiment` holds the data, the partition and the initial weights; every algorithm of
+the config runs on exactly those, round after round, and each round appends one JSON line to
+`metrics.jsonl`. Deterministic for a seed: no Ray, no ports, no worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.datasets import Dataset, load_dataset
+from ..data.partition import Partition, make_partition
+from ..fl import ALGORITHMS, Strategy
+from ..fl.central import POOLED
+from ..fl.device import DeviceData, accuracy, predict, train_local
+from ..fl.payload import DeviceInfo, State, TrainConfig, Update, state_bytes
+from ..models import ModelSpec, build_model, get_model
+from ..report.plots import plot_curves
+from ..report.summary import markdown_table, summarize
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config
+
+METRIC_KEYS = ("round", "algorithm", "global_acc", "context_acc", "test_loss", "train_loss",
+               "bytes_down", "bytes_up", "device_train_flops", "wall_s")
+
+
+def set_threads() -> int:
+    """Use every core this process may run on; returns the count."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, n or 1))
+    return torch.get_num_threads()
+
+
+def subsample(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Indices keeping `fraction` of every class (at least one image each), seeded, sorted."""
+    if fraction >= 1.0:
+        return torch.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    y = labels.numpy()
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        keep.append(rng.permutation(idx)[: max(1, math.ceil(fraction * len(idx)))])
+    return torch.from_numpy(np.sort(np.concatenate(keep)))
+
+
+def sample_devices(seed: int, rnd: int, num_devices: int, count: int) -> list[int]:
+    """This round's participants: the same for every algorithm, independent of history."""
+    rng = np.random.default_rng([seed, rnd])
+    return sorted(rng.choice(num_devices, size=count, replace=False).tolist())
+
+
+@dataclass
+class Experiment:
+    """Everything the algorithms of one run share: data, partition, model and initial weights."""
+
+    cfg: Config
+    dataset: Dataset
+    partition: Partition
+    spec: ModelSpec
+    init: State
+    devices: list[DeviceInfo]
+    device_data: dict[int, DeviceData]
+
+    @classmethod
+    def setup(cls, cfg: Config, dataset: Dataset | None = None) -> Experiment:
+        """Load the data, split it, and draw the initial weights from `cfg.seed`."""
+        ds = dataset or load_dataset(cfg.dataset, cfg.data_dir or None)
+        kept = subsample(ds.train_y, cfg.data_fraction, cfg.seed)
+        part = make_partition(ds.train_y[kept], cfg.partition.scheme, cfg.devices, cfg.seed,
+                              k=cfg.partition.k, alpha=cfg.partition.alpha)
+        # Partition indices refer to the subsample; store them as indices into the dataset.
+        part.indices = [kept[torch.tensor(ix, dtype=torch.long)].tolist()
+                        for ix in part.indices]
+        spec = get_model(cfg.model, ds.num_classes, ds.input_shape, cfg.batch_norm)
+        torch.manual_seed(cfg.seed)
+        init = {k: v.clone() for k, v in build_model(spec).state_dict().items()}
+        devices = [DeviceInfo(d, tuple(part.class_counts[d])) for d in range(part.num_devices)]
+        data = {d: cls._data(ds, torch.tensor(part.indices[d], dtype=torch.long))
+                for d in range(part.num_devices)}
+        data[POOLED] = cls._data(ds, torch.cat([torch.tensor(i, dtype=torch.long)
+                                                for i in part.indices]).sort().values)
+        return cls(cfg, ds, part, spec, init, devices, data)
+
+    @staticmethod
+    def _data(ds: Dataset, idx: torch.Tensor) -> DeviceData:
+        return DeviceData(ds.train_x[idx], ds.train_y[idx], ds.num_classes, ds.mean, ds.std,
+                          ds.crop_padding, ds.flip)
+
+    def train_config(self) -> TrainConfig:
+        """The base device training settings of this config."""
+        t = self.cfg.train
+        return TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                           momentum=t.momentum, weight_decay=t.weight_decay, seed=self.cfg.seed,
+                           augment=t.augment)
+
+    def strategy(self, name: str) -> Strategy:
+        """A fresh strategy of algorithm `name` on this experiment."""
+        cls = ALGORITHMS[name]
+        kwargs = {"mu": self.cfg.fedprox.mu} if name == "fedprox" else {}
+        return cls(self.spec, self.train_config(), self.devices, bn=self.cfg.bn, **kwargs)
+
+    def train_round(self, strategy: Strategy, rnd: int, state: State
+                    ) -> tuple[State, dict[str, float]]:
+        """One round: configure, train every participant, aggregate; returns the new state."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        ids = sample_devices(cfg.seed, rnd, cfg.devices, cfg.sampled_per_round())
+        payloads = strategy.configure_train(rnd, state, ids)
+        updates: dict[int, Update] = {d: train_local(p, self.device_data[d])
+                                      for d, p in sorted(payloads.items())}
+        state = strategy.aggregate_train(rnd, state, updates)
+        n = len(updates)
+        comm = strategy.communicates
+        stats = {
+            "train_loss": sum(u.metrics["train_loss"] * u.num_samples for u in updates.values())
+            / max(1, sum(u.num_samples for u in updates.values())),
+            "bytes_down": sum(state_bytes(p.state) for p in payloads.values()) / n if comm else 0,
+            "bytes_up": sum(state_bytes(u.state) for u in updates.values()) / n if comm else 0,
+            "device_train_flops": sum(u.metrics["train_flops"] for u in updates.values()) / n,
+            "wall_s": time.perf_counter() - start,
+        }
+        return state, stats
+
+    def evaluate(self, strategy: Strategy, rnd: int, state: State) -> dict[str, float | None]:
+        """global_acc and test_loss of the cloud's model; context_acc over ALL devices."""
+        ds = self.dataset
+        out: dict[str, float | None] = {"global_acc": None, "test_loss": None}
+        model = strategy.global_model(state)
+        logits = None
+        if model is not None:
+            spec, weights = model
+            logits = predict(spec, weights, ds.test_x, ds.mean, ds.std)
+            out["global_acc"] = accuracy(logits, ds.test_y, spec)
+            out["test_loss"] = F.cross_entropy(logits, ds.test_y).item()
+        ids = [d.id for d in self.devices]
+        if logits is not None and strategy.device_model_is_global():
+            # One pass of the global model scores every device: restrict the argmax per device.
+            accs = [accuracy(logits, ds.test_y, spec, d.classes) for d in self.devices]
+        else:
+            accs = []
+            for d, p in sorted(strategy.configure_evaluate(rnd, state, ids).items()):
+                mask = torch.isin(ds.test_y, torch.tensor(self.devices[d].classes))
+                lg = predict(p.spec, p.state, ds.test_x[mask], ds.mean, ds.std)
+                accs.append(accuracy(lg, ds.test_y[mask], p.spec, self.devices[d].classes))
+        out["context_acc"] = float(np.nanmean(accs))
+        return out
+
+
+def _round_line(algorithm: str, rnd: int, stats: dict, evals: dict) -> dict:
+    line = {"round": rnd, "algorithm": algorithm, **stats,
+            **(evals or {"global_acc": None, "context_acc": None, "test_loss": None})}
+    return {k: line[k] for k in METRIC_KEYS}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All lines of a metrics.jsonl file."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = False,
+                   dataset: Dataset | None = None,
+                   on_round: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run every algorithm of `cfg` into run directory `out`; returns all metric lines.
+
+    With `resume`, algorithms continue from their last checkpoint, and metric lines written
+    after that checkpoint are dropped, so the result equals an uninterrupted run.
+    """
+    set_threads()
+    out.mkdir(parents=True, exist_ok=True)
+    exp = Experiment.setup(cfg, dataset)
+    (out / "config.toml").write_text(cfg.to_toml())
+    exp.partition.save(out / "partition.json")
+    metrics_path, ckpt_dir = out / "metrics.jsonl", out / "checkpoints"
+    done: dict[str, int] = {}
+    if resume:
+        for a in cfg.algorithms:
+            loaded = load_checkpoint(ckpt_dir, a)
+            done[a] = loaded[1]["round"] if loaded else 0
+    kept = [m for m in read_metrics(metrics_path) if m["round"] <= done.get(m["algorithm"], 0)]
+    metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    lines = list(kept)
+    for a in cfg.algorithms:
+        strategy = exp.strategy(a)
+        state = strategy.initial_state(exp.init)
+        if done.get(a):
+            state = load_checkpoint(ckpt_dir, a)[0]
+        bar = tqdm(range(done.get(a, 0) + 1, cfg.rounds + 1), desc=f"{a:>8}", unit="round",
+                   disable=quiet, initial=done.get(a, 0), total=cfg.rounds)
+        for rnd in bar:
+            state, stats = exp.train_round(strategy, rnd, state)
+            evals = None
+            if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+                evals = exp.evaluate(strategy, rnd, state)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in evals.items()
+                                 if k.endswith("acc") and v is not None})
+            line = _round_line(a, rnd, stats, evals)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            save_checkpoint(ckpt_dir, a, state, {"algorithm": a, "round": rnd})
+            lines.append(line)
+            if on_round:
+                on_round(line)
+    write_report(out, cfg, lines)
+    return lines
+
+
+def write_report(out: Path, cfg: Config, lines: list[dict]) -> list[dict]:
+    """summary.md and curves.png of a run directory; returns the summary rows."""
+    rows = summarize(lines, cfg.target_acc, cfg.sampled_per_round())
+    title = (f"{cfg.dataset} / {cfg.model}: {cfg.devices} devices, partition "
+             f"{cfg.partition.scheme}, {cfg.rounds} rounds, seed {cfg.seed}")
+    (out / "summary.md").write_text(
+        f"# Run summary\n\n{title}; target accuracy {cfg.target_acc}.\n\n"
+        f"{markdown_table(rows)}\n\n![curves](curves.png)\n")
+    plot_curves(lines, out / "curves.png", title)
+    return rows
