@@ -125,8 +125,8 @@ class Partition:
         return cls(scheme, seed, num_classes, params, indices, class_counts)
 
     def summary(self, class_names: list[str] | None = None) -> str:
-        """A printable table: per device its sample count and the classes it holds (with
-        counts), then totals."""
+        """A printable table of each device's sample count and held classes, then totals."""
+
         def name(c: int) -> str:
             return class_names[c] if class_names else str(c)
 

@@ -55,6 +55,14 @@ class FedProxConfig:
 
 
 @dataclass
+class CadConfig:
+    """CAD and Fed2: where class paths start and how filters are assigned to classes."""
+
+    depth: int = 1  # decoupled conv layers, counted from the end (0: only the classifier)
+    assign: str = "prior"  # prior: equal contiguous groups fixed at initialisation
+
+
+@dataclass
 class Config:
     """A whole experiment: data, model, devices, algorithms compared side by side, and rounds.
 
@@ -79,6 +87,7 @@ class Config:
     bn: str = "average"
     train: TrainSection = field(default_factory=TrainSection)
     fedprox: FedProxConfig = field(default_factory=FedProxConfig)
+    cad: CadConfig = field(default_factory=CadConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what is written to the run directory)."""
@@ -182,6 +191,8 @@ def validate(cfg: Config) -> Config:
     _range("train.momentum", cfg.train.momentum, 0, 1)
     _range("train.weight_decay", cfg.train.weight_decay, 0)
     _range("fedprox.mu", cfg.fedprox.mu, 0)
+    _range("cad.depth", cfg.cad.depth, 0)
+    one_of("cad.assign", cfg.cad.assign, ("prior",))
     return cfg
 
 

@@ -108,9 +108,11 @@ class Experiment:
 
     def strategy(self, name: str) -> Strategy:
         """A fresh strategy of algorithm `name` on this experiment."""
-        cls = ALGORITHMS[name]
-        kwargs = {"mu": self.cfg.fedprox.mu} if name == "fedprox" else {}
-        return cls(self.spec, self.train_config(), self.devices, bn=self.cfg.bn, **kwargs)
+        cfg = self.cfg
+        options = {"fedprox": {"mu": cfg.fedprox.mu}, "cad": {"depth": cfg.cad.depth},
+                   "fed2": {"depth": cfg.cad.depth}}
+        return ALGORITHMS[name](self.spec, self.train_config(), self.devices, bn=cfg.bn,
+                                **options.get(name, {}))
 
     def train_round(self, strategy: Strategy, rnd: int, state: State
                     ) -> tuple[State, dict[str, float]]:
