@@ -6,6 +6,11 @@ physically smaller. The cloud averages the trunk over all participants (weighted
 count) and class c's path only over the participants holding c (weighted by their class-c
 counts); rows no participant held keep their value.
 
+Filters are assigned to classes either `prior` (equal contiguous groups fixed at
+initialisation, no data needed) or by `activation` (the paper's decoupling): the dense model is
+trained first (`warmup_rounds` of FedAvg, or weights given), devices report per-class
+activation sums, and the cloud assigns, permutes and decouples (`cadfl.cad.assign`).
+
 Fed2 (Yu et al., KDD 2021) is the ablation "same grouped model, same path-paired averaging, but
 every device trains the whole model": the sub-model of all classes.
 """
@@ -16,29 +21,57 @@ from collections.abc import Sequence
 
 import torch
 
+from ..analysis.preference import class_means, preferred_class, selectivity
+from ..cad.assign import balanced_assignment, group_permutation, permute_dense, to_decoupled
 from ..cad.decouple import decouple
 from ..cad.submodel import extract, index_map, row_classes
 from ..models import ModelSpec, build_model
 from .aggregate import Contribution, aggregate
+from .fedavg import FedAvg
 from .payload import DeviceInfo, Payload, State, TrainConfig, Update
 from .strategy import LOCAL_PREFIX, Strategy
+
+ASSIGN_MODES = ("prior", "activation")
 
 
 class CAD(Strategy):
     """Context-aware distributed learning with class paths from `depth` (conv layers from the
-    end) on, filters assigned to classes in equal contiguous groups (`prior`)."""
+    end) on.
+
+    With `assign="activation"`, rounds 1..`warmup_rounds` train the dense model with FedAvg
+    (starting from `pretrained` weights when given); the next round first asks every device
+    for its activation statistics and decouples the model from them.
+    """
 
     name = "cad"
 
     def __init__(self, spec: ModelSpec, train: TrainConfig, devices: Sequence[DeviceInfo],
-                 bn: str = "average", depth: int = 1) -> None:
+                 bn: str = "average", depth: int = 1, assign: str = "prior",
+                 warmup_rounds: int = 0, pretrained: State | None = None) -> None:
+        if assign not in ASSIGN_MODES:
+            raise ValueError(f"assign must be one of {ASSIGN_MODES}, got {assign!r}")
         self.decoupling = decouple(spec, spec.num_classes, depth)
         super().__init__(self.decoupling.spec, train, devices, bn=bn)
-        self.dense_spec = spec
+        self.dense_spec, self.assign = spec, assign
+        self.warmup_rounds, self.pretrained = warmup_rounds, pretrained
+        self.dense = FedAvg(spec, train, devices, bn=bn)
+
+    def is_decoupled(self, state: State) -> bool:
+        """Whether `state` holds the decoupled model (not the dense one of the warm-up)."""
+        last = self.spec.layers[-1]
+        key = f"{self.spec.names[-1]}.weight"
+        return state[key].shape[1] == last.in_ch // last.out_ch
+
+    def global_model(self, state: State) -> tuple[ModelSpec, State]:
+        """The decoupled model, or the dense one while warming up."""
+        spec, weights = super().global_model(state)
+        return (spec if self.is_decoupled(state) else self.dense_spec), weights
 
     def initial_state(self, weights: State) -> State:
-        """The decoupled model: the dense model's trunk, and class paths initialised with their
-        own fan-in from the run's seed."""
+        """Prior: the dense model's trunk, and class paths initialised with their own fan-in
+        from the run's seed. Activation: the dense model (pretrained weights if given)."""
+        if self.assign == "activation":
+            return dict(self.pretrained if self.pretrained is not None else weights)
         with torch.random.fork_rng():
             torch.manual_seed(self.train.seed)
             state = {k: v.clone() for k, v in build_model(self.spec).state_dict().items()}
@@ -51,9 +84,45 @@ class CAD(Strategy):
         """The classes whose paths a device receives: its own context."""
         return self.devices[device].classes
 
+    def configure_query(self, rnd: int, state: State, device_ids: Sequence[int]
+                        ) -> dict[int, Payload]:
+        """After the warm-up, once: ask every device for its activation statistics."""
+        if self.assign != "activation" or self.is_decoupled(state) or rnd <= self.warmup_rounds:
+            return {}
+        spec, weights = self.global_model(state)
+        return {d: Payload(spec, weights, self.device_config(rnd, d), task="activations")
+                for d in device_ids}
+
+    def aggregate_query(self, rnd: int, state: State, replies: dict[int, Update]) -> State:
+        """Assign filters to classes from the summed statistics, permute, and decouple."""
+        dec, k = self.decoupling, self.decoupling.num_classes
+        counts = sum(torch.tensor(replies[d].class_counts, dtype=torch.float64)
+                     for d in sorted(replies))
+        sums = {name: sum(replies[d].state[name] for d in sorted(replies))
+                for name in replies[min(replies)].state}
+        means = class_means(sums, counts)
+        perms, layers = {}, {}
+        for name, (per_class, spare) in dec.widths.items():
+            if name == dec.spec.names[-1]:
+                continue  # the logits: logit c is class c already
+            owner = balanced_assignment(means[name], per_class)
+            perms[name] = group_permutation(owner, k)
+            assigned = owner >= 0
+            layers[name] = {"filters_per_class": per_class, "spare": spare, "argmax_fraction":
+                            float((owner[assigned] == preferred_class(means[name])[assigned])
+                                  .float().mean())}
+        self.notes = {
+            "round": rnd, "assignment": layers,
+            "selectivity": {name: selectivity(m) for name, m in means.items()}}
+        dense = permute_dense(dec, self.global_model(state)[1], perms)
+        local = {k_: v for k_, v in state.items() if k_.startswith(LOCAL_PREFIX)}
+        return {**to_decoupled(dec, dense), **local}
+
     def configure_train(self, rnd: int, state: State, device_ids: Sequence[int]
                         ) -> dict[int, Payload]:
-        """Each participant gets the sub-model of its classes."""
+        """Each participant gets the sub-model of its classes (the dense model in warm-up)."""
+        if not self.is_decoupled(state):
+            return self.dense.configure_train(rnd, state, device_ids)
         _, weights = self.global_model(state)
         out = {}
         for d in device_ids:
@@ -63,6 +132,8 @@ class CAD(Strategy):
 
     def aggregate_train(self, rnd: int, state: State, updates: dict[int, Update]) -> State:
         """Path-paired averaging: trunk over everyone, class c's path over c's holders."""
+        if not self.is_decoupled(state):
+            return self.dense.aggregate_train(rnd, state, updates)
         _, weights = self.global_model(state)
         contributions = []
         for d in sorted(updates):
@@ -74,6 +145,12 @@ class CAD(Strategy):
         merged = aggregate(weights, contributions)
         local = {k: v for k, v in state.items() if k.startswith(LOCAL_PREFIX)}
         return self.store_local_stats({**merged, **local}, updates)
+
+
+    def configure_evaluate(self, rnd: int, state: State, device_ids: Sequence[int]
+                           ) -> dict[int, Payload]:
+        """Each device scores the model it trains: its sub-model."""
+        return self.configure_train(rnd, state, device_ids)
 
 
 class Fed2(CAD):

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..analysis.preference import class_activation_sums
 from ..data.augment import random_crop_flip, to_float
 from ..models import ModelSpec, build_model
-from .payload import Payload, State, Update
+from .payload import TASKS, Payload, State, Update
 
 EVAL_BATCH = 1000
 _train_flops_cache: dict[str, int] = {}
@@ -108,6 +109,29 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
         class_counts=torch.bincount(data.y[keep], minlength=data.num_classes).tolist(),
         metrics={"train_loss": float(loss_sum) / max(seen, 1),
                  "train_flops": float(train_flops_per_sample(payload.spec) * seen)})
+
+
+def report_activations(payload: Payload, data: DeviceData) -> Update:
+    """Per-class sums of every filter's mean post-ReLU activation on the device's data.
+
+    Only these class-level sums (and the class counts) leave the device, as the update's
+    tensors keyed by layer name.
+    """
+    lut = label_map(payload.spec, data.num_classes)
+    keep = lut[data.y] >= 0
+    sums, counts = class_activation_sums(payload.spec, payload.state, data.x[keep],
+                                         data.y[keep], data.num_classes, data.mean, data.std)
+    return Update(state=sums, num_samples=int(keep.sum()),
+                  class_counts=counts.long().tolist())
+
+
+def run_task(payload: Payload, data: DeviceData) -> Update:
+    """Do what the payload asks: train, or report activation statistics."""
+    if payload.task == "train":
+        return train_local(payload, data)
+    if payload.task == "activations":
+        return report_activations(payload, data)
+    raise ValueError(f"unknown payload task {payload.task!r}; valid: {', '.join(TASKS)}")
 
 
 def predict(spec: ModelSpec, state: State, x: torch.Tensor, mean: tuple[float, ...],

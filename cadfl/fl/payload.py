@@ -34,13 +34,18 @@ class TrainConfig:
         return asdict(self)
 
 
+TASKS = ("train", "activations")
+
+
 @dataclass
 class Payload:
-    """A model to train or evaluate on a device: spec, weights, and training settings."""
+    """A model for a device, and what to do with it: `task` is "train" (local training) or
+    "activations" (report per-class sums of every filter's activation, nothing else)."""
 
     spec: ModelSpec
     state: State
     config: TrainConfig = field(default_factory=TrainConfig)
+    task: str = "train"
 
 
 @dataclass

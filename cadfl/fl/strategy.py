@@ -39,6 +39,7 @@ class Strategy(ABC):
     `communicates` is False for references that move no bytes (centralised training).
     `bn="keep_local"` keeps each device's batch-norm running statistics on the device across
     rounds (SiloBN-style); the global model still carries their weighted average.
+    `notes` holds what the algorithm wants recorded in the run directory (JSON-able).
     """
 
     name: ClassVar[str]
@@ -51,6 +52,7 @@ class Strategy(ABC):
             raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
         self.spec, self.train, self.bn = spec, train, bn
         self.devices = {d.id: d for d in devices}
+        self.notes: dict = {}
 
     def initial_state(self, weights: State) -> State:
         """The round-0 global state from the dense model's initial weights."""
@@ -77,13 +79,24 @@ class Strategy(ABC):
     def aggregate_train(self, rnd: int, state: State, updates: dict[int, Update]) -> State:
         """The next global state from this round's updates (device order: ascending id)."""
 
+    def configure_query(self, rnd: int, state: State, device_ids: Sequence[int]
+                        ) -> dict[int, Payload]:
+        """Payloads asking devices for statistics before this round's training (default none)."""
+        return {}
+
+    def aggregate_query(self, rnd: int, state: State, replies: dict[int, Update]) -> State:
+        """The state after the devices' answers to `configure_query` (default unchanged)."""
+        return state
+
     def configure_evaluate(self, rnd: int, state: State, device_ids: Sequence[int]
                            ) -> dict[int, Payload]:
-        """The model each device scores on its own classes (default: the global model)."""
+        """The model each device scores on its own classes (default: the global model, with
+        the device's own batch-norm statistics when they are kept local)."""
         model = self.global_model(state)
         assert model is not None, "strategies without a global model override this"
         spec, weights = model
-        return {d: Payload(spec, weights, self.device_config(rnd, d)) for d in device_ids}
+        return {d: Payload(spec, self.with_local_stats(d, state, weights),
+                           self.device_config(rnd, d)) for d in device_ids}
 
     # Batch-norm statistics kept on the device ("keep_local").
 

@@ -7,6 +7,7 @@ x 5 classes, a few dozen rounds): `cadfl run` with no config runs it.
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 import typing
@@ -59,7 +60,9 @@ class CadConfig:
     """CAD and Fed2: where class paths start and how filters are assigned to classes."""
 
     depth: int = 1  # decoupled conv layers, counted from the end (0: only the classifier)
-    assign: str = "prior"  # prior: equal contiguous groups fixed at initialisation
+    assign: str = "prior"  # prior: equal groups fixed at init; activation: the paper's way
+    warmup_rounds: int = 0  # activation: rounds of dense FedAvg before decoupling
+    checkpoint: str = ""  # activation: dense weights (.safetensors) to decouple instead
 
 
 @dataclass
@@ -146,7 +149,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 def _range(name: str, value: float, low: float, high: float | None = None,
            low_open: bool = False) -> None:
     bad = value <= low if low_open else value < low
-    if bad or (high is not None and value > high):
+    if bad or (high is not None and value > high) or not math.isfinite(value):  # nan, inf
         left = "(" if low_open else "["
         right = f"{high}]" if high is not None else "inf)"
         raise ConfigError(f"{name}: {value!r} is out of range, allowed {left}{low}, {right}")
@@ -181,10 +184,9 @@ def validate(cfg: Config) -> Config:
     _range("partition.alpha", cfg.partition.alpha, 0, low_open=True)
     _range("target_acc", cfg.target_acc, 0, 1)
     _range("data_fraction", cfg.data_fraction, 0, 1, low_open=True)
-    if isinstance(cfg.sample, int):
-        _range("sample", cfg.sample, 1)
-    else:
-        _range("sample", cfg.sample, 0, 1, low_open=True)
+    if cfg.sample < 1 if isinstance(cfg.sample, int) else not 0 < cfg.sample <= 1:
+        raise ConfigError(f"sample: {cfg.sample!r} is out of range, allowed a fraction of "
+                          "devices in (0, 1] or a whole number of devices >= 1")
     _range("train.epochs", cfg.train.epochs, 1)
     _range("train.batch_size", cfg.train.batch_size, 1)
     _range("train.lr", cfg.train.lr, 0, low_open=True)
@@ -192,7 +194,14 @@ def validate(cfg: Config) -> Config:
     _range("train.weight_decay", cfg.train.weight_decay, 0)
     _range("fedprox.mu", cfg.fedprox.mu, 0)
     _range("cad.depth", cfg.cad.depth, 0)
-    one_of("cad.assign", cfg.cad.assign, ("prior",))
+    one_of("cad.assign", cfg.cad.assign, ("prior", "activation"))
+    _range("cad.warmup_rounds", cfg.cad.warmup_rounds, 0)
+    if cfg.cad.assign == "activation" and not (cfg.cad.warmup_rounds or cfg.cad.checkpoint):
+        raise ConfigError("cad.assign='activation' needs a trained model: set "
+                          "cad.warmup_rounds >= 1 or cad.checkpoint to a dense .safetensors")
+    if cfg.cad.warmup_rounds >= cfg.rounds:
+        raise ConfigError(f"cad.warmup_rounds={cfg.cad.warmup_rounds} leaves no CAD rounds: "
+                          f"allowed 0 to rounds-1 = {cfg.rounds - 1}")
     return cfg
 
 

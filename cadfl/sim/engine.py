@@ -18,26 +18,31 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..data.datasets import Dataset, load_dataset
 from ..data.partition import Partition, make_partition
 from ..fl import ALGORITHMS, Strategy
 from ..fl.central import POOLED
-from ..fl.device import DeviceData, accuracy, predict, train_local
+from ..fl.device import DeviceData, accuracy, predict, run_task
 from ..fl.payload import DeviceInfo, State, TrainConfig, Update, state_bytes
 from ..models import ModelSpec, build_model, get_model
 from ..report.plots import plot_curves
 from ..report.summary import markdown_table, summarize
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config
+from .config import Config, ConfigError
 
 METRIC_KEYS = ("round", "algorithm", "global_acc", "context_acc", "test_loss", "train_loss",
                "bytes_down", "bytes_up", "device_train_flops", "wall_s")
 
 
 def set_threads() -> int:
-    """Use every core this process may run on; returns the count."""
+    """Use every core this process may run on, unless OMP_NUM_THREADS says otherwise (torch
+    already applied it at import); returns the count."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, n or 1))
     return torch.get_num_threads()
@@ -109,8 +114,10 @@ class Experiment:
     def strategy(self, name: str) -> Strategy:
         """A fresh strategy of algorithm `name` on this experiment."""
         cfg = self.cfg
-        options = {"fedprox": {"mu": cfg.fedprox.mu}, "cad": {"depth": cfg.cad.depth},
-                   "fed2": {"depth": cfg.cad.depth}}
+        pretrained = load_pretrained(cfg.cad.checkpoint, self.init) if cfg.cad.checkpoint else None
+        cad = {"depth": cfg.cad.depth, "assign": cfg.cad.assign,
+               "warmup_rounds": cfg.cad.warmup_rounds, "pretrained": pretrained}
+        options = {"fedprox": {"mu": cfg.fedprox.mu}, "cad": cad, "fed2": cad}
         return ALGORITHMS[name](self.spec, self.train_config(), self.devices, bn=cfg.bn,
                                 **options.get(name, {}))
 
@@ -120,17 +127,24 @@ class Experiment:
         cfg = self.cfg
         start = time.perf_counter()
         ids = sample_devices(cfg.seed, rnd, cfg.devices, cfg.sampled_per_round())
+        queries = strategy.configure_query(rnd, state, [d.id for d in self.devices])
+        replies = {d: run_task(p, self.device_data[d]) for d, p in sorted(queries.items())}
+        if queries:
+            state = strategy.aggregate_query(rnd, state, replies)
         payloads = strategy.configure_train(rnd, state, ids)
-        updates: dict[int, Update] = {d: train_local(p, self.device_data[d])
+        updates: dict[int, Update] = {d: run_task(p, self.device_data[d])
                                       for d, p in sorted(payloads.items())}
         state = strategy.aggregate_train(rnd, state, updates)
         n = len(updates)
         comm = strategy.communicates
+        # Statistics queries are traffic too: spread over this round's participants.
+        down = [p.state for p in [*queries.values(), *payloads.values()]]
+        up = [u.state for u in [*replies.values(), *updates.values()]]
         stats = {
             "train_loss": sum(u.metrics["train_loss"] * u.num_samples for u in updates.values())
             / max(1, sum(u.num_samples for u in updates.values())),
-            "bytes_down": sum(state_bytes(p.state) for p in payloads.values()) / n if comm else 0,
-            "bytes_up": sum(state_bytes(u.state) for u in updates.values()) / n if comm else 0,
+            "bytes_down": sum(map(state_bytes, down)) / n if comm else 0,
+            "bytes_up": sum(map(state_bytes, up)) / n if comm else 0,
             "device_train_flops": sum(u.metrics["train_flops"] for u in updates.values()) / n,
             "wall_s": time.perf_counter() - start,
         }
@@ -159,6 +173,20 @@ class Experiment:
                 accs.append(accuracy(lg, ds.test_y[mask], p.spec, self.devices[d].classes))
         out["context_acc"] = float(np.nanmean(accs))
         return out
+
+
+def load_pretrained(path: str, like: State) -> State:
+    """Dense weights from a safetensors checkpoint (e.g. a run's checkpoints/fedavg.safetensors),
+    checked against the model's own state: same keys, same shapes."""
+    try:
+        weights = load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(f"cad.checkpoint: cannot read {path}: {exc}") from None
+    bad = sorted(k for k in like if k not in weights or weights[k].shape != like[k].shape)
+    if bad:
+        raise ConfigError(f"cad.checkpoint: {path} does not hold this model's weights "
+                          f"(missing or differently shaped: {', '.join(bad[:3])})")
+    return {k: weights[k] for k in like}
 
 
 def _round_line(algorithm: str, rnd: int, stats: dict, evals: dict) -> dict:
@@ -214,6 +242,8 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
             save_checkpoint(ckpt_dir, a, state, {"algorithm": a, "round": rnd})
+            if strategy.notes:
+                (out / f"notes-{a}.json").write_text(json.dumps(strategy.notes, indent=1))
             lines.append(line)
             if on_round:
                 on_round(line)

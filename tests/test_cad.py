@@ -1,0 +1,172 @@
+"""CAD: decoupled models, context sub-models, path-paired aggregation, and their costs."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cadfl.cad.decouple import decouple
+from cadfl.cad.submodel import extract, index_map
+from cadfl.fl.aggregate import Contribution, aggregate
+from cadfl.fl.cad import CAD, Fed2
+from cadfl.fl.device import train_flops_per_sample
+from cadfl.fl.payload import DeviceInfo, TrainConfig, Update, state_bytes
+from cadfl.models import SpecError, build_model, get_model
+from cadfl.models.spec import spec_from_config
+
+
+@st.composite
+def decoupled_cases(draw):
+    """A random small CNN, class count, decoupling depth, class subset (in random order)."""
+    k = draw(st.integers(2, 5))
+    n_convs = draw(st.integers(1, 3))
+    config: list = []
+    for i in range(n_convs):
+        config.append(draw(st.integers(k, 3 * k)))
+        if i < 2 and draw(st.booleans()):
+            config.append("M")
+    hidden = tuple(draw(st.lists(st.integers(k, 3 * k), max_size=2)))
+    spec = spec_from_config("random", config, (draw(st.integers(1, 3)), 8, 8), k,
+                            batch_norm=draw(st.booleans()), hidden=hidden)
+    depth = draw(st.integers(0, n_convs))
+    classes = draw(st.lists(st.integers(0, k - 1), min_size=1, max_size=k, unique=True))
+    return spec, k, depth, classes, draw(st.integers(0, 2**16))
+
+
+def _eval_model(spec, state):
+    model = build_model(spec).eval()
+    model.load_state_dict(state)
+    return model
+
+
+@settings(max_examples=60, deadline=None)
+@given(decoupled_cases())
+def test_submodel_logits_equal_full_model_logits_of_its_classes(case):
+    spec, k, depth, classes, seed = case
+    dec = decouple(spec, k, depth)
+    torch.manual_seed(seed)
+    full = build_model(dec.spec)
+    for m in full.modules():  # non-trivial batch-norm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    full.eval()
+    sub_spec, sub_state, _ = extract(dec, full.state_dict(), classes)
+    sub = _eval_model(sub_spec, sub_state)
+    x = torch.randn(4, *spec.input_shape)
+    with torch.no_grad():
+        torch.testing.assert_close(sub(x), full(x)[:, classes], rtol=1e-5, atol=1e-5)
+    assert sub_spec.class_ids == tuple(classes)
+    assert sum(v.numel() for v in sub_state.values()) <= sum(
+        v.numel() for v in full.state_dict().values())
+
+
+@settings(max_examples=40, deadline=None)
+@given(decoupled_cases())
+def test_extract_then_merge_with_one_device_returns_global_state_exactly(case):
+    spec, k, depth, classes, seed = case
+    dec = decouple(spec, k, depth)
+    torch.manual_seed(seed)
+    state = build_model(dec.spec).state_dict()
+    _, sub, rows = extract(dec, state, classes)
+    merged = aggregate(state, [Contribution(sub, 7.0, rows)])
+    assert merged.keys() == state.keys()
+    for key in state:
+        assert torch.equal(merged[key], state[key]), key
+
+
+@settings(max_examples=40, deadline=None)
+@given(decoupled_cases(), st.data())
+def test_a_path_changes_only_when_a_holder_of_its_class_took_part(case, data):
+    spec, k, depth, _, seed = case
+    torch.manual_seed(seed)
+    devices = [DeviceInfo(d, tuple(data.draw(st.lists(st.integers(0, 3), min_size=k,
+                                                      max_size=k)))) for d in range(3)]
+    devices = [d for d in devices if d.num_samples > 0]
+    if not devices:
+        return
+    strategy = CAD(spec, TrainConfig(), devices, depth=depth)
+    state = strategy.initial_state(build_model(spec).state_dict())
+    payloads = strategy.configure_train(1, state, [d.id for d in devices])
+    # Every device returns its sub-model shifted by +1: whatever it held must move.
+    updates = {d: Update({k_: v + 1 if v.is_floating_point() else v
+                          for k_, v in p.state.items()},
+                         devices[i].num_samples, list(devices[i].class_counts))
+               for i, (d, p) in enumerate(sorted(payloads.items()))}
+    new = strategy.aggregate_train(1, state, updates)
+    held = {c for d in devices for c in d.classes}
+    dec = strategy.decoupling
+    for key in state:
+        if not state[key].is_floating_point():
+            continue
+        if not dec.is_path_key(key) or key.endswith("num_batches_tracked"):
+            assert torch.allclose(new[key], state[key] + 1), key
+            continue
+        g = dec.group_size(key)
+        for c in range(k):
+            rows = slice(c * g, (c + 1) * g)
+            expected = state[key][rows] + 1 if c in held else state[key][rows]
+            torch.testing.assert_close(new[key][rows], expected, msg=f"{key} class {c}")
+
+
+def test_path_weights_are_class_counts_and_trunk_weights_sample_counts():
+    spec = get_model("digits_cnn", 3)
+    devices = [DeviceInfo(0, (10, 0, 2)), DeviceInfo(1, (0, 6, 6))]
+    strategy = CAD(spec, TrainConfig(), devices, depth=1)
+    state = strategy.initial_state(build_model(spec).state_dict())
+    payloads = strategy.configure_train(1, state, [0, 1])
+    updates = {d: Update({k: torch.full_like(v, float(d + 1)) if v.is_floating_point() else v
+                          for k, v in p.state.items()}, devices[d].num_samples,
+                         list(devices[d].class_counts)) for d, p in payloads.items()}
+    new = strategy.aggregate_train(1, state, updates)
+    g = strategy.decoupling.group_size("conv3.weight")
+    # Trunk: (12*1 + 12*2) / 24; class 2's path: (2*1 + 6*2) / 8; class 0 only device 0.
+    assert torch.allclose(new["conv1.weight"], torch.tensor(1.5))
+    assert torch.allclose(new["conv3.weight"][2 * g:3 * g], torch.tensor(14 / 8))
+    assert torch.allclose(new["conv3.weight"][:g], torch.tensor(1.0))
+    assert torch.allclose(new["conv3.weight"][g:2 * g], torch.tensor(2.0))
+
+
+def test_fed2_sends_the_whole_grouped_model_and_cad_a_smaller_one():
+    spec = get_model("digits_cnn", 10)
+    devices = [DeviceInfo(0, (5,) * 3 + (0,) * 7)]
+    init = build_model(spec).state_dict()
+    cad, fed2 = CAD(spec, TrainConfig(), devices), Fed2(spec, TrainConfig(), devices)
+    p_cad = cad.configure_train(1, cad.initial_state(init), [0])[0]
+    p_fed2 = fed2.configure_train(1, fed2.initial_state(init), [0])[0]
+    assert p_cad.spec.class_ids == (0, 1, 2)
+    assert p_fed2.spec.num_classes == 10
+    assert state_bytes(p_cad.state) < state_bytes(p_fed2.state) < state_bytes(init)
+
+
+def test_trunk_of_cad_starts_from_the_dense_initial_weights():
+    spec = get_model("digits_cnn", 10)
+    init = build_model(spec).state_dict()
+    strategy = CAD(spec, TrainConfig(seed=3), [DeviceInfo(0, (1,) * 10)], depth=1)
+    state = strategy.initial_state(init)
+    assert torch.equal(state["conv1.weight"], init["conv1.weight"])
+    assert state["conv3.weight"].shape[0] == 120  # 12 filters per class, 8 spare
+
+
+@pytest.mark.parametrize("model,depth", [("alexnet", 2), ("vgg16", 3)])
+def test_cad_sub_models_cost_less_than_fedavg_on_cifar_presets(model, depth):
+    spec = get_model(model, 10)
+    dec = decouple(spec, 10, depth)
+    with torch.device("meta"):
+        dense_state = build_model(spec).state_dict()
+        dec_state = build_model(dec.spec).state_dict()
+    sub_spec, sub_state, _ = extract(dec, dec_state, [0, 3, 4, 7, 9])  # 5 of 10 classes
+    assert state_bytes(sub_state) < state_bytes(dense_state)
+    assert train_flops_per_sample(sub_spec) < train_flops_per_sample(spec)
+
+
+def test_bad_depth_and_too_narrow_layers_are_refused_with_the_reason():
+    spec = get_model("digits_cnn", 10)
+    with pytest.raises(SpecError, match="cad.depth=4 is out of range"):
+        decouple(spec, 10, 4)
+    narrow = spec_from_config("narrow", [4], (1, 8, 8), 10)
+    with pytest.raises(SpecError, match="fewer than the 10 classes"):
+        decouple(narrow, 10, 1)
+    with pytest.raises(SpecError, match="distinct class ids"):
+        index_map(decouple(spec, 10, 1), build_model(decouple(spec, 10, 1).spec).state_dict(),
+                  [1, 1])
