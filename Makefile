@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/cadfl profile --compare lenet5 alexnet vgg16 --plot runs/profile-compare.png
+	$(VENV)/bin/cadfl run
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q

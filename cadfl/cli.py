@@ -95,7 +95,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.resume)
         if not (out / "config.toml").exists():
             raise UserError(f"{out} is not a run directory (no config.toml)")
-        cfg = load_config(out / "config.toml")
+        # Where the data lives is not part of the experiment: --data-dir may point elsewhere.
+        data_dir = [f"data_dir={json.dumps(args.data_dir)}"] if args.data_dir else []
+        cfg = load_config(out / "config.toml", data_dir)
     else:
         overrides = list(args.overrides)
         if args.data_dir:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..data.augment import to_float
-from ..models import ModelSpec, build_model
+from ..models import ModelSpec, build_loaded
 
 Sums = dict[str, torch.Tensor]
 
@@ -41,9 +41,7 @@ def class_activation_sums(spec: ModelSpec, state: dict[str, torch.Tensor], x: to
     `x` are uint8 images, `y` global labels. Sums are float64 so that devices' sums add up
     exactly enough to be merged in the cloud.
     """
-    model = build_model(spec)
-    model.load_state_dict(state)
-    model.eval()
+    model = build_loaded(spec, state).eval()
     layers = activation_layers(spec)
     sums = {name: torch.zeros(num_classes, spec.layer(name).out_ch, dtype=torch.float64)
             for name in layers}

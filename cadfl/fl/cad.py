@@ -55,12 +55,12 @@ class CAD(Strategy):
         self.dense_spec, self.assign = spec, assign
         self.warmup_rounds, self.pretrained = warmup_rounds, pretrained
         self.dense = FedAvg(spec, train, devices, bn=bn)
+        with torch.device("meta"):
+            self._shapes = {k: v.shape for k, v in build_model(self.spec).state_dict().items()}
 
     def is_decoupled(self, state: State) -> bool:
         """Whether `state` holds the decoupled model (not the dense one of the warm-up)."""
-        last = self.spec.layers[-1]
-        key = f"{self.spec.names[-1]}.weight"
-        return state[key].shape[1] == last.in_ch // last.out_ch
+        return all(state[k].shape == shape for k, shape in self._shapes.items())
 
     def global_model(self, state: State) -> tuple[ModelSpec, State]:
         """The decoupled model, or the dense one while warming up."""

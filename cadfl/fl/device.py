@@ -14,7 +14,7 @@ from torch import nn
 
 from ..analysis.preference import class_activation_sums
 from ..data.augment import random_crop_flip, to_float
-from ..models import ModelSpec, build_model
+from ..models import ModelSpec, build_loaded, build_model
 from .payload import TASKS, Payload, State, Update
 
 EVAL_BATCH = 1000
@@ -39,10 +39,8 @@ class DeviceData:
 
 
 def load_model(spec: ModelSpec, state: State) -> nn.Module:
-    """Build the network of `spec`, load `state`, and switch to channels-last for speed."""
-    model = build_model(spec)
-    model.load_state_dict(state)
-    return model.to(memory_format=torch.channels_last)
+    """The network of `spec` with `state` loaded, channels-last for speed."""
+    return build_loaded(spec, state).to(memory_format=torch.channels_last)
 
 
 def label_map(spec: ModelSpec, num_classes: int) -> torch.Tensor:

@@ -1,7 +1,15 @@
 """CNN definitions as data (`ModelSpec`) and the builder that turns them into modules."""
 
-from .spec import GroupedLinear, Layer, ModelSpec, SpecError, build_model, count_params
+from .spec import (
+    GroupedLinear,
+    Layer,
+    ModelSpec,
+    SpecError,
+    build_loaded,
+    build_model,
+    count_params,
+)
 from .zoo import MODELS, get_model
 
-__all__ = ["GroupedLinear", "Layer", "MODELS", "ModelSpec", "SpecError", "build_model",
-           "count_params", "get_model"]
+__all__ = ["GroupedLinear", "Layer", "MODELS", "ModelSpec", "SpecError", "build_loaded",
+           "build_model", "count_params", "get_model"]

@@ -259,6 +259,19 @@ def build_model(spec: ModelSpec) -> nn.Sequential:
         (name, _module(layer)) for name, layer in zip(spec.names, spec.layers, strict=True)))
 
 
+def build_loaded(spec: ModelSpec, state: dict[str, torch.Tensor]) -> nn.Sequential:
+    """The network of `spec` with `state` loaded.
+
+    Modules are created on the meta device: no throw-away random initialisation, which would
+    cost time and consume the global RNG.
+    """
+    with torch.device("meta"):
+        model = build_model(spec)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(state)
+    return model
+
+
 def spec_from_config(
     name: str,
     config: list[int | str | tuple[int, int, int]],

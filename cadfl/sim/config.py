@@ -81,7 +81,8 @@ class Config:
     devices: int = 10
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     rounds: int = 30
-    algorithms: list[str] = field(default_factory=lambda: ["fedavg", "fedprox", "local"])
+    algorithms: list[str] = field(
+        default_factory=lambda: ["cad", "fed2", "fedavg", "fedprox", "local"])
     seed: int = 0
     sample: int | float = 1.0
     eval_every: int = 1
