@@ -216,11 +216,6 @@ class GroupedLinear(nn.Module):
         self.in_features, self.out_features, self.groups = in_features, out_features, groups
         self.weight = nn.Parameter(torch.empty(out_features, in_features // groups))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        # Same init as nn.Linear, with the fan-in of one group.
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-        if self.bias is not None:
-            bound = 1 / (in_features // groups) ** 0.5
-            nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.groups
@@ -254,9 +249,27 @@ def build_model(spec: ModelSpec) -> nn.Sequential:
     """Turn a spec into an `nn.Sequential` whose module names are the spec's layer names.
 
     Weights are drawn from torch's global RNG: seed it first for reproducible initialisation.
+    Initialisation is He-normal (fan-in, which for a grouped layer is the fan-in of one group)
+    for convs and hidden linear layers, N(0, 0.01) for the logits, zero biases and unit
+    batch-norm scales. PyTorch's default init shrinks ReLU activations layer
+    by layer, which leaves a deep net without batch norm (AlexNet here) near chance for many
+    rounds.
     """
-    return nn.Sequential(OrderedDict(
+    model = nn.Sequential(OrderedDict(
         (name, _module(layer)) for name, layer in zip(spec.names, spec.layers, strict=True)))
+    logits = model[-1]
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        elif m is logits:
+            nn.init.normal_(m.weight, 0, 0.01)
+        elif isinstance(m, (nn.Linear, GroupedLinear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+    return model
 
 
 def build_loaded(spec: ModelSpec, state: dict[str, torch.Tensor]) -> nn.Sequential:
