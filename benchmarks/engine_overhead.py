@@ -10,9 +10,7 @@ tensors in a synthetic `Dataset`, so no files are needed.
 The two are run alternately (bare, engine, bare, engine, ...) in one process and medians are
 reported, because a shared machine is noisy. Both start every repetition from the same weights,
 so they do exactly the same work; the largest weight difference between the two results is
-printed as a check (float32 round-off of the average; with dropout, as in AlexNet, also other
-dropout masks, because the engine draws the model's throw-away initial weights from the seeded
-global generator before training).
+printed as a check (float32 round-off of the plain average against the engine's float64 one).
 
     .venv/bin/python benchmarks/engine_overhead.py --model alexnet --devices 2 \\
         --samples-per-device 128 --repeats 3
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 
 from cadfl.data.augment import random_crop_flip, to_float
 from cadfl.data.datasets import Dataset, channel_stats
-from cadfl.fl.payload import State
+from cadfl.fl.payload import State, TrainConfig
 from cadfl.fl.strategy import device_seed
 from cadfl.models import MODELS, build_model
 from cadfl.models.zoo import DEFAULT_INPUT
@@ -56,6 +54,27 @@ def synthetic_dataset(input_shape: tuple[int, int, int], train: int, test: int,
                    crop_padding=4 if cifar else 1, flip=cifar)
 
 
+def bare_train(model: torch.nn.Module, xf: torch.Tensor, y: torch.Tensor, train: TrainConfig,
+               crop_padding: int, flip: bool, seed: int) -> None:
+    """Local SGD as a plain PyTorch loop on pre-normalised inputs: shuffled, augmented batches,
+    the same seeds as the engine's device code."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                          weight_decay=train.weight_decay)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # dropout
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(train.epochs):
+            order = torch.randperm(len(y), generator=gen)
+            for start in range(0, len(y), train.batch_size):
+                idx = order[start:start + train.batch_size]
+                xb = random_crop_flip(xf[idx], crop_padding, flip, gen)
+                loss = F.cross_entropy(model(xb), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+
 def bare_round(exp: Experiment, rnd: int, state: State, models: dict[int, torch.nn.Module],
                inputs: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> State:
     """One FedAvg round written as a plain PyTorch loop over prebuilt models and pre-normalised
@@ -65,25 +84,11 @@ def bare_round(exp: Experiment, rnd: int, state: State, models: dict[int, torch.
     ds = exp.dataset
     trained, sizes = [], []
     for d in ids:
-        seed = device_seed(train.seed, rnd, d)
         model = models[d]
         model.load_state_dict(state)
-        model.train()
         xf, y = inputs[d]
-        opt = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                              weight_decay=train.weight_decay)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)  # dropout
-            gen = torch.Generator().manual_seed(seed)
-            for _ in range(train.epochs):
-                order = torch.randperm(len(y), generator=gen)
-                for start in range(0, len(y), train.batch_size):
-                    idx = order[start:start + train.batch_size]
-                    xb = random_crop_flip(xf[idx], ds.crop_padding, ds.flip, gen)
-                    loss = F.cross_entropy(model(xb), y[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+        bare_train(model, xf, y, train, ds.crop_padding, ds.flip,
+                   device_seed(train.seed, rnd, d))
         trained.append(model.state_dict())
         sizes.append(len(y))
     total = sum(sizes)

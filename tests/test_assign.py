@@ -145,3 +145,39 @@ def test_activation_cad_queries_once_then_trains_decoupled_sub_models():
     payloads = strategy.configure_train(2, state, [0, 1, 2])
     assert payloads[0].spec.class_ids == (0, 1, 2, 3, 4)
     assert payloads[0].state["conv3.weight"].shape[0] == 60
+
+
+def test_suggested_depth_starts_at_the_first_selective_conv_layer():
+    from cadfl.analysis.preference import suggest_depth
+
+    assert suggest_depth([0.05, 0.1, 0.35, 0.5], 0.3) == 2
+    assert suggest_depth([0.4, 0.1, 0.2], 0.3) == 3
+    assert suggest_depth([0.05, 0.1], 0.3) == 0
+
+
+def test_auto_depth_decouples_where_selectivity_says_and_is_recognised_on_resume():
+    from cadfl.analysis.preference import suggest_depth
+    from cadfl.data.datasets import load_digits
+
+    ds = load_digits()
+    spec = get_model("digits_cnn", 10)
+    data = {0: DeviceData(ds.train_x[:600], ds.train_y[:600], 10, ds.mean, ds.std)}
+    devices = [DeviceInfo(0, tuple(data[0].class_counts()))]
+    torch.manual_seed(0)
+
+    def make():
+        return CAD(spec, TrainConfig(), devices, depth="auto", assign="activation",
+                   warmup_rounds=1, selectivity_threshold=0.2)
+
+    strategy = make()
+    state = strategy.initial_state(build_model(spec).state_dict())
+    state = strategy.aggregate_train(1, state, {0: run_task(
+        strategy.configure_train(1, state, [0])[0], data[0])})
+    replies = {0: run_task(strategy.configure_query(2, state, [0])[0], data[0])}
+    state = strategy.aggregate_query(2, state, replies)
+    convs = ("conv1", "conv2", "conv3")
+    expected = suggest_depth([strategy.notes["selectivity"][n] for n in convs], 0.2)
+    assert strategy.notes["depth"] == strategy.notes["suggested_depth"] == expected
+    assert strategy.is_decoupled(state)
+    resumed = make()  # a fresh strategy recognises the decoupled state and its depth
+    assert resumed.is_decoupled(state) and resumed.decoupling.depth == expected

@@ -8,6 +8,8 @@ sums) and the interpretability tools.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..data.augment import to_float
@@ -86,3 +88,13 @@ def selectivity(means: torch.Tensor) -> float:
     total = a_max + a_rest
     index = torch.where(total > 0, (a_max - a_rest) / total.clamp_min(1e-12), 0.0)
     return float(index.mean())
+
+
+def suggest_depth(conv_selectivity: Sequence[float], threshold: float) -> int:
+    """Decoupling depth (conv layers counted from the end) from per-layer selectivity in depth
+    order: decouple from the first conv layer whose selectivity reaches `threshold`; 0 (only
+    the classifier) if none does. Shallow, generic layers stay in the shared trunk."""
+    for i, s in enumerate(conv_selectivity):
+        if s >= threshold:
+            return len(conv_selectivity) - i
+    return 0

@@ -21,11 +21,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ..analysis.preference import class_means, preferred_class, selectivity
+from ..analysis.preference import class_means, preferred_class, selectivity, suggest_depth
 from ..cad.assign import balanced_assignment, group_permutation, permute_dense, to_decoupled
-from ..cad.decouple import decouple
+from ..cad.decouple import Decoupling, conv_indices, decouple
 from ..cad.submodel import extract, index_map, row_classes
-from ..models import ModelSpec, build_model
+from ..models import ModelSpec, SpecError, build_model
 from .aggregate import Contribution, aggregate
 from .fedavg import FedAvg
 from .payload import DeviceInfo, Payload, State, TrainConfig, Update
@@ -34,33 +34,70 @@ from .strategy import LOCAL_PREFIX, Strategy
 ASSIGN_MODES = ("prior", "activation")
 
 
+def _shapes(spec: ModelSpec) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        return {k: v.shape for k, v in build_model(spec).state_dict().items()}
+
+
+def _matches(state: State, shapes: dict[str, torch.Size]) -> bool:
+    return state.keys() >= shapes.keys() and all(state[k].shape == s for k, s in shapes.items())
+
+
 class CAD(Strategy):
     """Context-aware distributed learning with class paths from `depth` (conv layers from the
     end) on.
 
     With `assign="activation"`, rounds 1..`warmup_rounds` train the dense model with FedAvg
     (starting from `pretrained` weights when given); the next round first asks every device
-    for its activation statistics and decouples the model from them.
+    for its activation statistics and decouples the model from them. `depth="auto"` then
+    decouples from the first conv layer whose class selectivity reaches
+    `selectivity_threshold` (see `analysis.preference.suggest_depth`).
     """
 
     name = "cad"
 
     def __init__(self, spec: ModelSpec, train: TrainConfig, devices: Sequence[DeviceInfo],
-                 bn: str = "average", depth: int = 1, assign: str = "prior",
-                 warmup_rounds: int = 0, pretrained: State | None = None) -> None:
+                 bn: str = "average", depth: int | str = 1, assign: str = "prior",
+                 warmup_rounds: int = 0, pretrained: State | None = None,
+                 selectivity_threshold: float = 0.3) -> None:
         if assign not in ASSIGN_MODES:
             raise ValueError(f"assign must be one of {ASSIGN_MODES}, got {assign!r}")
-        self.decoupling = decouple(spec, spec.num_classes, depth)
-        super().__init__(self.decoupling.spec, train, devices, bn=bn)
+        if depth == "auto" and assign != "activation":
+            raise ValueError("depth='auto' needs assign='activation' (a trained model to measure)")
+        super().__init__(spec, train, devices, bn=bn)
         self.dense_spec, self.assign = spec, assign
         self.warmup_rounds, self.pretrained = warmup_rounds, pretrained
+        self.threshold = selectivity_threshold
         self.dense = FedAvg(spec, train, devices, bn=bn)
-        with torch.device("meta"):
-            self._shapes = {k: v.shape for k, v in build_model(self.spec).state_dict().items()}
+        self.decoupling: Decoupling | None = None
+        if depth == "auto":
+            # Every feasible depth, so that a resumed run recognises its decoupled state.
+            self._candidates = {}
+            for d in range(len(conv_indices(spec)) + 1):
+                try:
+                    self._candidates[d] = _shapes(decouple(spec, spec.num_classes, d).spec)
+                except SpecError:
+                    break  # deeper decoupling only meets narrower layers
+            dense = _shapes(spec)
+            self._candidates = {d: s for d, s in self._candidates.items() if s != dense}
+        else:
+            self._set_depth(int(depth))
+
+    def _set_depth(self, depth: int) -> None:
+        self.decoupling = decouple(self.dense_spec, self.dense_spec.num_classes, depth)
+        self.spec = self.decoupling.spec
+        self._shapes = _shapes(self.spec)
 
     def is_decoupled(self, state: State) -> bool:
         """Whether `state` holds the decoupled model (not the dense one of the warm-up)."""
-        return all(state[k].shape == shape for k, shape in self._shapes.items())
+        if self.decoupling is None:
+            for depth, shapes in self._candidates.items():
+                if _matches(state, shapes):
+                    self._set_depth(depth)
+                    break
+            else:
+                return False
+        return _matches(state, self._shapes)
 
     def global_model(self, state: State) -> tuple[ModelSpec, State]:
         """The decoupled model, or the dense one while warming up."""
@@ -95,12 +132,17 @@ class CAD(Strategy):
 
     def aggregate_query(self, rnd: int, state: State, replies: dict[int, Update]) -> State:
         """Assign filters to classes from the summed statistics, permute, and decouple."""
-        dec, k = self.decoupling, self.decoupling.num_classes
         counts = sum(torch.tensor(replies[d].class_counts, dtype=torch.float64)
                      for d in sorted(replies))
         sums = {name: sum(replies[d].state[name] for d in sorted(replies))
                 for name in replies[min(replies)].state}
         means = class_means(sums, counts)
+        chosen = None
+        if self.decoupling is None:
+            convs = [self.dense_spec.names[i] for i in conv_indices(self.dense_spec)]
+            chosen = suggest_depth([selectivity(means[n]) for n in convs], self.threshold)
+            self._set_depth(min(chosen, max(self._candidates)))
+        dec, k = self.decoupling, self.decoupling.num_classes
         perms, layers = {}, {}
         for name, (per_class, spare) in dec.widths.items():
             if name == dec.spec.names[-1]:
@@ -112,7 +154,7 @@ class CAD(Strategy):
                             float((owner[assigned] == preferred_class(means[name])[assigned])
                                   .float().mean())}
         self.notes = {
-            "round": rnd, "assignment": layers,
+            "round": rnd, "depth": dec.depth, "suggested_depth": chosen, "assignment": layers,
             "selectivity": {name: selectivity(m) for name, m in means.items()}}
         dense = permute_dense(dec, self.global_model(state)[1], perms)
         local = {k_: v for k_, v in state.items() if k_.startswith(LOCAL_PREFIX)}

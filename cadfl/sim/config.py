@@ -59,10 +59,12 @@ class FedProxConfig:
 class CadConfig:
     """CAD and Fed2: where class paths start and how filters are assigned to classes."""
 
-    depth: int = 1  # decoupled conv layers, counted from the end (0: only the classifier)
+    depth: int | str = 1  # decoupled conv layers from the end (0: classifier only), or "auto"
     assign: str = "prior"  # prior: equal groups fixed at init; activation: the paper's way
     warmup_rounds: int = 0  # activation: rounds of dense FedAvg before decoupling
     checkpoint: str = ""  # activation: dense weights (.safetensors) to decouple instead
+    selectivity_threshold: float = 0.3  # depth "auto": decouple from the first conv layer
+    # whose class selectivity reaches this
 
 
 @dataclass
@@ -194,7 +196,14 @@ def validate(cfg: Config) -> Config:
     _range("train.momentum", cfg.train.momentum, 0, 1)
     _range("train.weight_decay", cfg.train.weight_decay, 0)
     _range("fedprox.mu", cfg.fedprox.mu, 0)
-    _range("cad.depth", cfg.cad.depth, 0)
+    if isinstance(cfg.cad.depth, str):
+        if cfg.cad.depth != "auto" or cfg.cad.assign != "activation":
+            raise ConfigError(f"cad.depth: {cfg.cad.depth!r} is not allowed: give a number of "
+                              "conv layers >= 0, or \"auto\" together with "
+                              "cad.assign = \"activation\"")
+    else:
+        _range("cad.depth", cfg.cad.depth, 0)
+    _range("cad.selectivity_threshold", cfg.cad.selectivity_threshold, 0, 1)
     one_of("cad.assign", cfg.cad.assign, ("prior", "activation"))
     _range("cad.warmup_rounds", cfg.cad.warmup_rounds, 0)
     if cfg.cad.assign == "activation" and not (cfg.cad.warmup_rounds or cfg.cad.checkpoint):

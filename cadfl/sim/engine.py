@@ -116,7 +116,8 @@ class Experiment:
         cfg = self.cfg
         pretrained = load_pretrained(cfg.cad.checkpoint, self.init) if cfg.cad.checkpoint else None
         cad = {"depth": cfg.cad.depth, "assign": cfg.cad.assign,
-               "warmup_rounds": cfg.cad.warmup_rounds, "pretrained": pretrained}
+               "warmup_rounds": cfg.cad.warmup_rounds, "pretrained": pretrained,
+               "selectivity_threshold": cfg.cad.selectivity_threshold}
         options = {"fedprox": {"mu": cfg.fedprox.mu}, "cad": cad, "fed2": cad}
         return ALGORITHMS[name](self.spec, self.train_config(), self.devices, bn=cfg.bn,
                                 **options.get(name, {}))
@@ -215,6 +216,8 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
     exp = Experiment.setup(cfg, dataset)
     (out / "config.toml").write_text(cfg.to_toml())
     exp.partition.save(out / "partition.json")
+    if not quiet:
+        print(exp.partition.summary(exp.dataset.classes))
     metrics_path, ckpt_dir = out / "metrics.jsonl", out / "checkpoints"
     done: dict[str, int] = {}
     if resume:
