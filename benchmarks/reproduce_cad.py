@@ -13,7 +13,8 @@ then writes into the results folder:
 Scales: `cpu` fits 2 CPU cores in about an hour per model and seed (10% of the training images:
 500 per device per round; 30 rounds AlexNet / 15 rounds VGG-16; evaluation every 3 rounds);
 `paper` is the paper's setting (all images, 70 rounds, evaluation every round) for a GPU or a
-long run. Run directories are kept under `OUT/runs/` and resumed if interrupted.
+long run. `--models digits` runs the same comparison on the embedded digits preset.
+Run directories are kept under `OUT/runs/` and resumed if interrupted.
 
     .venv/bin/python benchmarks/reproduce_cad.py --scale cpu --models alexnet --seeds 0 \\
         --out docs/results/cifar10-cpu
@@ -36,12 +37,15 @@ from cadfl.sim.engine import read_metrics, run_experiment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ALGORITHMS = ["cad", "fed2", "fedavg", "fedprox"]
+PRESETS = {"alexnet": "cifar10-alexnet-5cls.toml", "vgg16": "cifar10-vgg16-5cls.toml",
+           "digits": "digits-demo.toml"}
 SCALES = {
     "cpu": {"alexnet": ["data_fraction=0.1", "rounds=30", "eval_every=3"],
-            "vgg16": ["data_fraction=0.1", "rounds=15", "eval_every=3"]},
-    "paper": {"alexnet": ["rounds=70"], "vgg16": ["rounds=70"]},
-    # A few seconds, for the tests: that the whole pipeline runs, not what it finds.
-    "smoke": {m: ["data_fraction=0.004", "rounds=2", "eval_every=1"] for m in ("alexnet", "vgg16")},
+            "vgg16": ["data_fraction=0.1", "rounds=15", "eval_every=3"], "digits": []},
+    "paper": {"alexnet": ["rounds=70"], "vgg16": ["rounds=70"], "digits": []},
+    # Seconds, for the tests: that the whole pipeline runs, not what it finds.
+    "smoke": {"alexnet": ["data_fraction=0.004", "rounds=2"],
+              "vgg16": ["data_fraction=0.004", "rounds=2"], "digits": ["rounds=2"]},
 }
 
 
@@ -52,7 +56,7 @@ def run_one(model: str, seed: int, scale: str, algorithms: list[str], out: Path)
         return run_experiment(cfg, out, resume=True, quiet=True)
     overrides = [*SCALES[scale][model], f"seed={seed}",
                  "algorithms=[" + ",".join(f'"{a}"' for a in algorithms) + "]"]
-    cfg = load_config(ROOT / "configs" / f"cifar10-{model}-5cls.toml", overrides)
+    cfg = load_config(ROOT / "configs" / PRESETS[model], overrides)
     return run_experiment(cfg, out, quiet=True)
 
 
@@ -137,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--scale", choices=list(SCALES), default="cpu")
-    parser.add_argument("--models", nargs="+", choices=["alexnet", "vgg16"],
-                        default=["alexnet", "vgg16"])
+    parser.add_argument("--models", nargs="+", choices=list(PRESETS),
+                        default=["alexnet", "vgg16"],
+                        help="paper presets (CIFAR-10) and the digits demo preset")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=ALGORITHMS)
     parser.add_argument("--out", type=Path, default=Path("results/cifar10"))
@@ -161,9 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/reproduce_cad.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     (args.out / "results.md").write_text(
-        f"# CAD vs FedAvg on CIFAR-10, scale `{args.scale}`\n\n"
-        f"Produced by `{command}` (CIFAR-10 from `--data-dir`/`$CADFL_DATA`); settings: "
-        f"the presets `configs/cifar10-<model>-5cls.toml` with "
+        f"# CAD vs FedAvg, scale `{args.scale}`\n\n"
+        f"Produced by `{command}` (CIFAR-10 from `$CADFL_DATA`); settings: the presets "
+        f"{', '.join(f'`configs/{PRESETS[m]}`' for m in args.models)} with "
         f"{', '.join(f'{m}: {SCALES[args.scale][m]}' for m in args.models)}; seeds "
         f"{args.seeds}. Accuracy: mean ± standard deviation over seeds.\n\n"
         f"{table(runs, args.algorithms)}\n\n"

@@ -114,6 +114,68 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_visualize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "visualize", help="draw what a layer's filters respond to (activation maximisation)",
+        description="Activation maximisation: from random noise, gradient ascent on each chosen "
+        "filter's mean response, with a regulariser (L2 decay, Gaussian blur every few steps, "
+        "random jitter, clipping to the data range). Writes one PNG grid per layer.",
+        epilog="example: cadfl visualize runs/demo/checkpoints/fedavg.safetensors --layer conv3")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a run's checkpoints/NAME.safetensors (or its .json)")
+    p.add_argument("--layer", required=True, help="conv or linear layer name, e.g. conv3")
+    p.add_argument("--filters", type=int, nargs="+", metavar="F",
+                   help="filter indices (default: the first 16)")
+    p.add_argument("--steps", type=int, default=100, help="gradient-ascent steps (default 100)")
+    p.add_argument("--eta", type=float, default=1.0, help="step size (default 1.0)")
+    p.add_argument("--decay", type=float, default=0.01, help="L2 decay per step (default 0.01)")
+    p.add_argument("--blur-every", type=int, default=4, help="blur every N steps (default 4)")
+    p.add_argument("--blur-sigma", type=float, default=0.5, help="blur sigma px (default 0.5)")
+    p.add_argument("--jitter", type=int, default=2, help="random shift, px (default 2)")
+    p.add_argument("--data-dir", metavar="DIR", help="dataset folder (for normalisation)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/filters/NAME)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_visualize)
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from .analysis.explain import visualize_command
+
+    try:
+        return visualize_command(args)
+    except ValueError as exc:  # a layer or filter the model does not have
+        raise UserError(str(exc)) from None
+
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze", help="class preferences, selectivity by depth, suggested depth, class paths",
+        description="Per-class mean activation of every filter on labelled test images (the "
+        "statistic CAD's activation assignment uses), a heatmap per layer, class selectivity "
+        "against depth, the decoupling depth it suggests, and for a decoupled model (cad, "
+        "fed2) the filters of each class path.",
+        epilog="example: cadfl analyze runs/demo/checkpoints/cad.safetensors --class 3")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a run's checkpoints/NAME.safetensors (or its .json)")
+    p.add_argument("--dataset", help="labelled data (default: the run's dataset)")
+    p.add_argument("--data-dir", metavar="DIR", help="dataset folder")
+    p.add_argument("--samples", type=int, default=2000,
+                   help="test images used (default 2000)")
+    p.add_argument("--threshold", type=float, default=0.3,
+                   help="selectivity from which layers are decoupled (default 0.3)")
+    p.add_argument("--class", dest="cls", type=int, default=0,
+                   help="class whose critical path is drawn (default 0)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/analysis/NAME)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_analyze)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis.explain import analyze_command
+
+    return analyze_command(args)
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that report a user's mistake: shown as one message, no traceback."""
     from .data.datasets import DataError
@@ -135,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_profile(sub)
     _add_run(sub)
+    _add_visualize(sub)
+    _add_analyze(sub)
     return parser
 
 

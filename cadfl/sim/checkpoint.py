@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..models import ModelSpec, build_model
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing a file, truncated or altered; names the file."""
@@ -67,3 +69,22 @@ def load_checkpoint(directory: Path, name: str
         raise CheckpointError(f"checkpoint weights {weights} do not match their recorded "
                               "SHA-256 (truncated or altered)")
     return load_file(str(weights)), meta
+
+
+def load_model_checkpoint(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor], dict]:
+    """The model saved in a run's checkpoint file (`.../checkpoints/NAME.safetensors` or its
+    `.json`): its spec, its weights (only the model's own tensors) and the record."""
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".json"):
+        raise CheckpointError(f"{path}: expected a checkpoint .safetensors or .json file")
+    loaded = load_checkpoint(path.parent, path.stem)
+    if loaded is None:
+        raise CheckpointError(f"{path.with_suffix('.json')} is missing: not a cadfl checkpoint")
+    state, record = loaded
+    if not record.get("spec"):
+        raise CheckpointError(f"{path} holds no single model (algorithm "
+                              f"{record.get('algorithm')!r} has no global model)")
+    spec = ModelSpec.from_dict(record["spec"])
+    with torch.device("meta"):
+        keys = build_model(spec).state_dict().keys()
+    return spec, {k: state[k] for k in keys}, record

@@ -27,13 +27,14 @@ from ..data.partition import Partition, make_partition
 from ..fl import ALGORITHMS, Strategy
 from ..fl.central import POOLED
 from ..fl.device import DeviceData, accuracy, predict, run_task
-from ..fl.payload import DeviceInfo, State, TrainConfig, Update, state_bytes
+from ..fl.payload import DeviceInfo, Payload, State, TrainConfig, Update, state_bytes
 from ..models import ModelSpec, build_model, get_model
 from ..report.plots import plot_curves
 from ..report.summary import markdown_table, summarize
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
 
+Executor = Callable[[dict[int, Payload]], dict[int, Update]]
 METRIC_KEYS = ("round", "algorithm", "global_acc", "context_acc", "test_loss", "train_loss",
                "bytes_down", "bytes_up", "device_train_flops", "wall_s")
 
@@ -122,19 +123,27 @@ class Experiment:
         return ALGORITHMS[name](self.spec, self.train_config(), self.devices, bn=cfg.bn,
                                 **options.get(name, {}))
 
-    def train_round(self, strategy: Strategy, rnd: int, state: State
-                    ) -> tuple[State, dict[str, float]]:
-        """One round: configure, train every participant, aggregate; returns the new state."""
+    def run_here(self, payloads: dict[int, Payload]) -> dict[int, Update]:
+        """Execute payloads in this process, one device after another (ascending id)."""
+        return {d: run_task(p, self.device_data[d]) for d, p in sorted(payloads.items())}
+
+    def train_round(self, strategy: Strategy, rnd: int, state: State,
+                    execute: Executor | None = None) -> tuple[State, dict[str, float]]:
+        """One round: configure, train every participant, aggregate; returns the new state.
+
+        `execute` runs payloads on their devices and returns the updates (default: here, in
+        this process; the Flower adapter sends them to Flower nodes instead).
+        """
         cfg = self.cfg
         start = time.perf_counter()
         ids = sample_devices(cfg.seed, rnd, cfg.devices, cfg.sampled_per_round())
+        execute = execute or self.run_here
         queries = strategy.configure_query(rnd, state, [d.id for d in self.devices])
-        replies = {d: run_task(p, self.device_data[d]) for d, p in sorted(queries.items())}
+        replies = execute(queries) if queries else {}
         if queries:
             state = strategy.aggregate_query(rnd, state, replies)
         payloads = strategy.configure_train(rnd, state, ids)
-        updates: dict[int, Update] = {d: run_task(p, self.device_data[d])
-                                      for d, p in sorted(payloads.items())}
+        updates = execute(payloads)
         state = strategy.aggregate_train(rnd, state, updates)
         n = len(updates)
         comm = strategy.communicates
@@ -205,8 +214,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = False,
                    dataset: Dataset | None = None,
-                   on_round: Callable[[dict], None] | None = None) -> list[dict]:
+                   on_round: Callable[[dict], None] | None = None,
+                   execute: Executor | None = None) -> list[dict]:
     """Run every algorithm of `cfg` into run directory `out`; returns all metric lines.
+
+    `execute` runs each round's payloads on the devices (default: in this process).
 
     With `resume`, algorithms continue from their last checkpoint, and metric lines written
     after that checkpoint are dropped, so the result equals an uninterrupted run.
@@ -235,7 +247,7 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
         bar = tqdm(range(done.get(a, 0) + 1, cfg.rounds + 1), desc=f"{a:>8}", unit="round",
                    disable=quiet, initial=done.get(a, 0), total=cfg.rounds)
         for rnd in bar:
-            state, stats = exp.train_round(strategy, rnd, state)
+            state, stats = exp.train_round(strategy, rnd, state, execute)
             evals = None
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
                 evals = exp.evaluate(strategy, rnd, state)
@@ -244,7 +256,10 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
             line = _round_line(a, rnd, stats, evals)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
-            save_checkpoint(ckpt_dir, a, state, {"algorithm": a, "round": rnd})
+            model = strategy.global_model(state)
+            save_checkpoint(ckpt_dir, a, state, {
+                "algorithm": a, "round": rnd, "dataset": cfg.dataset,
+                "spec": model[0].to_dict() if model else None})
             if strategy.notes:
                 (out / f"notes-{a}.json").write_text(json.dumps(strategy.notes, indent=1))
             lines.append(line)

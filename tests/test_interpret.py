@@ -1,0 +1,62 @@
+"""Looking inside models: activation maximisation, and the visualize/analyze commands."""
+
+import json
+
+import torch
+
+from cadfl.analysis.maximize import filter_responses, maximize, response_module
+from cadfl.cli import main
+from cadfl.models import build_model, get_model
+
+
+def test_activation_maximisation_raises_the_target_filter_above_start_and_other_filters():
+    spec = get_model("digits_cnn", 10)
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    filters = [0, 5, 9, 17, 30, 41]
+    mean, std = (0.3,), (0.4,)
+    start = torch.randn(len(filters), *spec.input_shape,
+                        generator=torch.Generator().manual_seed(0)) * 0.2
+    images = maximize(model, spec, "conv2", filters, mean, std, steps=60, seed=0)
+    index = response_module(spec, "conv2")
+    with torch.no_grad():
+        before = filter_responses(model, index, start)
+        after = filter_responses(model, index, (images - mean[0]) / std[0])
+    rows = torch.arange(len(filters))
+    target_before, target_after = before[rows, filters], after[rows, filters]
+    spread = before.std()
+    assert (target_after - target_before > 3 * spread).all(), (target_before, target_after)
+    others = after.clone()
+    others[rows, filters] = float("nan")
+    assert (target_after > others.nanmean(dim=1)).all()
+    assert images.min() >= 0 and images.max() <= 1  # clipped to the data range
+
+
+def test_visualize_and_analyze_commands_on_a_run_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--quiet", "--set", "rounds=2",
+                 "--set", 'algorithms=["cad"]', "--set", "devices=4"]) == 0
+    ckpt = run / "checkpoints" / "cad.safetensors"
+    assert main(["visualize", str(ckpt), "--layer", "conv3", "--filters", "0", "1", "2",
+                 "--steps", "10", "--quiet", "--out", str(tmp_path / "vis")]) == 0
+    assert (tmp_path / "vis" / "filters-conv3.png").stat().st_size > 0
+    assert main(["analyze", str(ckpt), "--class", "4", "--samples", "300", "--quiet",
+                 "--out", str(tmp_path / "an")]) == 0
+    out = tmp_path / "an"
+    for name in ("preference-conv1.png", "preference-conv3.png", "selectivity.png",
+                 "critical-paths-4.png", "analysis.json"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "analysis.json").read_text())
+    assert all(0.0 <= s <= 1.0 for s in summary["selectivity"].values())
+    assert 0 <= summary["suggested_depth"] <= 3
+    assert "suggested decoupling depth" in capsys.readouterr().out
+
+
+def test_visualize_refuses_an_unknown_layer_with_the_valid_ones(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--quiet", "--set", "rounds=1",
+                 "--set", 'algorithms=["fedavg"]', "--set", "devices=2"]) == 0
+    code = main(["visualize", str(run / "checkpoints" / "fedavg.safetensors"),
+                 "--layer", "conv9", "--quiet"])
+    assert code == 2
+    assert "conv1, conv2, conv3" in capsys.readouterr().err
