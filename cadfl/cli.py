@@ -77,6 +77,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="folder holding datasets (e.g. DIR/cifar-10-batches-py); "
                    "default $CADFL_DATA, then ~/.cache/cadfl")
     p.add_argument("--quiet", action="store_true", help="no progress bars (for CI and logs)")
+    p.add_argument("--engine", choices=("cadfl", "flower"), default="cadfl",
+                   help="cadfl: in-process simulation (default); flower: the same run through "
+                   "Flower's simulation engine, one SuperNode per device "
+                   "(needs pip install 'cadfl[flower]'; see docs/flower.md)")
     p.set_defaults(handler=_cmd_run)
 
 
@@ -108,7 +112,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if (out / "metrics.jsonl").exists():
             raise UserError(f"{out} already holds a run: continue it with --resume {out}, "
                             "or choose another --out")
-    lines = run_experiment(cfg, out, resume=bool(args.resume), quiet=args.quiet)
+    if getattr(args, "engine", "cadfl") == "flower":
+        import importlib.util
+
+        if importlib.util.find_spec("flwr") is None:
+            raise UserError("--engine flower needs Flower: pip install 'cadfl[flower]'")
+        from .flower.simulation import run_flower_simulation
+
+        lines = run_flower_simulation(cfg, out, quiet=args.quiet, resume=bool(args.resume))
+    else:
+        lines = run_experiment(cfg, out, resume=bool(args.resume), quiet=args.quiet)
     print(text_table(summarize(lines, cfg.target_acc, cfg.sampled_per_round())))
     print(f"\nrun directory: {out}  (summary.md, curves.png, metrics.jsonl)")
     return 0

@@ -33,6 +33,7 @@ def test_reproduce_script_writes_results_and_resumes_without_redoing(tmp_path):
     assert (out / "results.md").read_text() == text
 
 
+@pytest.mark.slow  # about 3 minutes: every round scores the full 10,000-image test set
 @pytest.mark.skipif(not os.environ.get("CADFL_DATA"),
                     reason="set CADFL_DATA to a folder containing cifar-10-batches-py")
 def test_reproduce_script_runs_the_cifar10_preset(tmp_path):

@@ -1,0 +1,74 @@
+"""Payloads and updates as Flower records, and back: the one codec both sides use.
+
+A payload travels as a `RecordDict` with
+- "state": an `ArrayRecord` of the state dict (torch tensors, exact dtypes and bytes),
+- "payload": a `ConfigRecord` with the `ModelSpec` JSON, the `TrainConfig` JSON, the task, and
+  the experiment's config JSON (the device derives its own partition from it).
+
+An update travels back as
+- "state": an `ArrayRecord` of the returned tensors,
+- "update": a `MetricRecord` with `num-examples` (Flower's conventional weight key),
+  `class_counts` (a list of ints) and every float metric (train_loss, train_flops).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from ..fl.payload import Payload, TrainConfig, Update
+from ..models import ModelSpec
+
+STATE, PAYLOAD, UPDATE = "state", "payload", "update"
+NUM_EXAMPLES = "num-examples"
+
+
+def _to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    # ArrayRecord goes through numpy: hand it contiguous CPU tensors.
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def _from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(arr.numpy().copy()) for k, arr in record.items()}
+
+
+def encode_payload(payload: Payload, experiment: str = "") -> RecordDict:
+    """A payload as a Flower RecordDict; `experiment` is the config JSON the device needs to
+    find its own data (empty when the device already knows it)."""
+    config = ConfigRecord({
+        "spec": json.dumps(payload.spec.to_dict()),
+        "train": json.dumps(payload.config.to_dict()),
+        "task": payload.task,
+        "experiment": experiment,
+    })
+    return RecordDict({STATE: _to_record(payload.state), PAYLOAD: config})
+
+
+def decode_payload(content: RecordDict) -> tuple[Payload, str]:
+    """The payload of a RecordDict made by `encode_payload`, and its experiment JSON."""
+    config = content.config_records[PAYLOAD]
+    payload = Payload(spec=ModelSpec.from_dict(json.loads(str(config["spec"]))),
+                      state=_from_record(content.array_records[STATE]),
+                      config=TrainConfig(**json.loads(str(config["train"]))),
+                      task=str(config["task"]))
+    return payload, str(config["experiment"])
+
+
+def encode_update(update: Update) -> RecordDict:
+    """An update as a Flower RecordDict."""
+    metrics: dict = {NUM_EXAMPLES: int(update.num_samples),
+                     "class_counts": [int(c) for c in update.class_counts]}
+    for k, v in update.metrics.items():
+        metrics[k] = float(v)
+    return RecordDict({STATE: _to_record(update.state), UPDATE: MetricRecord(metrics)})
+
+
+def decode_update(content: RecordDict) -> Update:
+    """The update of a RecordDict made by `encode_update`."""
+    m = dict(content.metric_records[UPDATE])
+    num = int(m.pop(NUM_EXAMPLES))
+    counts = [int(c) for c in m.pop("class_counts")]
+    return Update(state=_from_record(content.array_records[STATE]), num_samples=num,
+                  class_counts=counts, metrics={k: float(v) for k, v in m.items()})

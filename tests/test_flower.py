@@ -1,0 +1,385 @@
+"""cadfl on Flower: codec, the ServerApp/ClientApp protocol, Flower's simulation engine, the
+built-in FedAvg peer reference, and a loopback deployment (plain and TLS).
+
+Fast tests drive the real ClientApp objects through an in-process stand-in for Flower's Grid;
+the others start Ray or real SuperLink/SuperNode processes (marked slow where > ~60 s).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import random
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+
+from cadfl.cli import main as cli_main  # noqa: E402
+from cadfl.data.datasets import load_dataset  # noqa: E402
+from cadfl.fl.central import POOLED  # noqa: E402
+from cadfl.fl.payload import Payload, TrainConfig, Update  # noqa: E402
+from cadfl.flower import client_app  # noqa: E402
+from cadfl.flower.codec import (  # noqa: E402
+    decode_payload,
+    decode_update,
+    encode_payload,
+    encode_update,
+)
+from cadfl.flower.data import device_data  # noqa: E402
+from cadfl.flower.server_app import FlowerError, FlowerExecutor  # noqa: E402
+from cadfl.models import get_model  # noqa: E402
+from cadfl.sim.config import load_config  # noqa: E402
+from cadfl.sim.engine import Experiment, read_metrics, run_experiment  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One compute thread, as every Flower worker uses: the same arithmetic on both sides."""
+    mp = pytest.MonkeyPatch()
+    before = torch.get_num_threads()
+    mp.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def small(*overrides: str):
+    """3 devices x 5 classes, half the digits, 2 rounds of CAD and FedAvg."""
+    return load_config(None, ["devices=3", "rounds=2", "data_fraction=0.5",
+                              'algorithms=["cad", "fedavg"]', *overrides])
+
+
+def without_wall(lines: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k != "wall_s"} for m in lines]
+
+
+def accs(lines: list[dict], algorithm: str) -> list[float]:
+    return [m["global_acc"] for m in lines if m["algorithm"] == algorithm]
+
+
+# Codec
+
+
+def test_codec_round_trip_is_bitwise():
+    spec = get_model("digits_cnn", 10, (1, 8, 8), True)
+    gen = torch.Generator().manual_seed(3)
+    state = {
+        "w": torch.randn(4, 3, 3, 3, generator=gen),
+        "b64": torch.randn(5, generator=gen, dtype=torch.float64),
+        "nbt": torch.tensor(7, dtype=torch.int64),  # 0-dim integer buffer
+        "odd": torch.tensor([float("nan"), -0.0, float("inf"), 1e-45]),
+        "empty": torch.zeros(0, 3),
+        "strided": torch.arange(12.0).reshape(3, 4).t(),  # non-contiguous input
+    }
+    config = TrainConfig(epochs=2, batch_size=7, lr=0.013, momentum=0.5, weight_decay=1e-5,
+                         mu=0.1, seed=2**40 + 3, augment=False)
+    payload = Payload(spec, state, config, task="activations")
+    back, experiment = decode_payload(encode_payload(payload, '{"x": 1}'))
+    assert experiment == '{"x": 1}'
+    assert back.spec.to_dict() == spec.to_dict()
+    assert back.config == config and back.task == "activations"
+    assert list(back.state) == list(state)
+    for k, t in state.items():
+        got = back.state[k]
+        assert got.dtype == t.dtype and got.shape == t.shape, k
+        assert got.reshape(-1).contiguous().view(torch.uint8).tolist() == \
+            t.reshape(-1).contiguous().view(torch.uint8).tolist(), k  # bitwise: NaN, -0.0
+
+    update = Update(state, 123, [0, 5, 0, 118], {"train_loss": 0.123456789012345,
+                                                 "train_flops": 3.5e12})
+    back_u = decode_update(encode_update(update))
+    assert back_u.num_samples == 123 and back_u.class_counts == [0, 5, 0, 118]
+    assert back_u.metrics == update.metrics
+    for k, t in state.items():
+        assert torch.equal(back_u.state[k].nan_to_num(), t.nan_to_num()), k
+
+
+def test_every_node_derives_the_engines_data(digits):
+    cfg = small("devices=4", "partition.scheme=dirichlet")
+    exp = Experiment.setup(cfg, digits)
+    for d in [*range(cfg.devices), POOLED]:
+        mine, theirs = device_data(cfg, d, digits), exp.device_data[d]
+        assert torch.equal(mine.x, theirs.x) and torch.equal(mine.y, theirs.y), d
+        assert (mine.mean, mine.std, mine.num_classes) == \
+            (theirs.mean, theirs.std, theirs.num_classes)
+
+
+# The protocol, with the real ClientApp behind an in-process grid
+
+
+class LoopbackGrid:
+    """Stands in for Flower's Grid: delivers each message to the real ClientApp object of
+    its node (random node ids, replies in shuffled order), like the simulation engine does."""
+
+    def __init__(self, num_nodes: int, app=client_app.app, seed: int = 0) -> None:
+        from flwr.common.constant import SUPERLINK_NODE_ID
+        from flwr.supercore.task_identity import TaskIdentity
+
+        # What Flower's runtime sets in a ServerApp process before `main` runs.
+        TaskIdentity.run_id, TaskIdentity.task_id = 1, 1
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        rng = random.Random(seed)
+        self.rng = rng
+        self.contexts = {
+            rng.randrange(1, 2**63): Context(
+                run_id=1, node_id=0, node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(), run_config={})
+            for i in range(num_nodes)}
+        self.app = app
+        self.sent = 0
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent += 1
+            try:
+                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as exc:  # what Flower does: an error reply
+                from flwr.app import Error
+                replies.append(Message(Error(code=0, reason=repr(exc)), reply_to=msg))
+        self.rng.shuffle(replies)
+        return replies
+
+
+def test_flower_protocol_reproduces_the_engine_exactly(tmp_path, digits):
+    """The whole ServerApp path (partition discovery, codec, ClientApp) against the engine:
+    identical metric lines and checkpoints."""
+    cfg = small('algorithms=["cad", "fedavg", "central"]')
+    own = run_experiment(cfg, tmp_path / "own", quiet=True, dataset=digits)
+    grid = LoopbackGrid(cfg.devices)
+    execute = FlowerExecutor(grid, cfg, timeout=30)
+    assert sorted(execute.nodes) == [0, 1, 2]
+    via = run_experiment(cfg, tmp_path / "flower", quiet=True, dataset=digits, execute=execute)
+    assert without_wall(via) == without_wall(own)
+    for a in cfg.algorithms:
+        from cadfl.sim.checkpoint import load_checkpoint
+        s1, _ = load_checkpoint(tmp_path / "own" / "checkpoints", a)
+        s2, _ = load_checkpoint(tmp_path / "flower" / "checkpoints", a)
+        assert all(torch.equal(s1[k], s2[k]) for k in s1), a
+    # One query round, then one message per device per round for CAD and FedAvg
+    # (central trains on the pooled data in the ServerApp and sends nothing).
+    assert grid.sent == cfg.devices + 2 * cfg.rounds * cfg.devices
+
+
+def test_executor_rejects_missing_nodes_and_reports_node_errors(digits):
+    cfg = small()
+    with pytest.raises(FlowerError, match="3 devices but 2 Flower nodes"):
+        FlowerExecutor(LoopbackGrid(2), cfg, timeout=0.1)
+    execute = FlowerExecutor(LoopbackGrid(3), cfg, timeout=1)
+    exp = Experiment.setup(cfg, digits)
+    bad = Payload(exp.spec, exp.init, exp.train_config(), task="dance")
+    with pytest.raises(FlowerError, match="unknown payload task 'dance'"):
+        execute({0: bad})
+
+
+def test_run_config_builds_the_experiment(tmp_path):
+    from cadfl.flower.server_app import config_from_run_config
+    cfg, out, timeout = config_from_run_config({
+        "config": "configs/digits-demo.toml",
+        "set": 'rounds=2; devices=4 ;algorithms=["cad", "fedavg"]',
+        "out": str(tmp_path / "x"), "timeout": 12})
+    assert (cfg.rounds, cfg.devices, cfg.algorithms) == (2, 4, ["cad", "fedavg"])
+    assert out == tmp_path / "x" and timeout == 12.0
+
+
+def test_cli_engine_flower_validates_before_starting(tmp_path, capsys):
+    code = cli_main(["run", "--engine", "flower", "--set", "rounds=0",
+                     "--out", str(tmp_path / "r"), "--quiet"])
+    assert code == 2
+    assert "rounds" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+# Flower's simulation engine (Ray)
+
+
+def test_flower_simulation_matches_own_engine(tmp_path, digits):
+    """`cadfl run --engine flower` vs cadfl's engine: same global_acc for CAD and FedAvg."""
+    overrides = ["devices=3", "rounds=2", "data_fraction=0.5", 'algorithms=["cad", "fedavg"]']
+    own = run_experiment(load_config(None, overrides), tmp_path / "own", quiet=True,
+                         dataset=digits)
+    args = ["run", "--engine", "flower", "--out", str(tmp_path / "sim"), "--quiet"]
+    for o in overrides:
+        args += ["--set", o]
+    assert cli_main(args) == 0
+    sim = read_metrics(tmp_path / "sim" / "metrics.jsonl")
+    for a in ("cad", "fedavg"):
+        assert accs(sim, a) == pytest.approx(accs(own, a), abs=1e-6), a
+    # The same run directory as the own engine writes.
+    for name in ("config.toml", "partition.json", "metrics.jsonl", "summary.md", "curves.png",
+                 "checkpoints/cad.safetensors", "checkpoints/fedavg.safetensors"):
+        assert (tmp_path / "sim" / name).exists(), name
+    assert (tmp_path / "sim" / "partition.json").read_text() == \
+        (tmp_path / "own" / "partition.json").read_text()
+    assert processes_with(f"FLWR_HOME={(tmp_path / 'sim').resolve() / 'flwr-home'}") == []
+    print("flower simulation == own engine:", json.dumps(
+        {a: [accs(sim, a), accs(own, a)] for a in ("cad", "fedavg")}))
+
+
+def test_flower_builtin_fedavg_is_a_peer_of_cadfl_fedavg(tmp_path, digits):
+    """Flower's own FedAvg strategy (float32 averaging) on the same partition, model and
+    initial weights: the same global_acc curve as cadfl's fedavg, within 2 test images."""
+    from cadfl.flower.peer import run_peer_fedavg
+    cfg = small("rounds=3", 'algorithms=["fedavg"]')
+    own = accs(run_experiment(cfg, tmp_path / "own", quiet=True, dataset=digits), "fedavg")
+    peer = run_peer_fedavg(cfg, tmp_path / "peer")
+    print("flower FedAvg:", peer, "cadfl fedavg:", own)
+    assert processes_with(f"FLWR_HOME={(tmp_path / 'peer').resolve() / 'flwr-home'}") == []
+    tol = 2 / len(digits.test_y) + 1e-9
+    assert peer == pytest.approx(own, abs=tol)
+
+
+# Deployment: SuperLink and SuperNodes as separate processes on 127.0.0.1
+
+
+def processes_with(marker: str) -> list[int]:
+    """Live (non-zombie) processes whose environment contains `marker` (checked here, not
+    with the deploy module's own helpers)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if marker.encode() in env and stat[stat.rindex(")") + 2] != "Z":
+            found.append(int(pid))
+    return found
+
+
+def flower_children() -> list[str]:
+    """Command lines of this test process's live Flower/Ray descendants."""
+    out = subprocess.run(["ps", "-o", "pid=,ppid=,stat=,args=", "-e"], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    rows = [r.split(None, 3) for r in out if r.strip()]
+    kids, frontier = [], {os.getpid()}
+    for _ in range(20):
+        nxt = [r for r in rows if int(r[1]) in frontier and "Z" not in r[2]]
+        if not nxt:
+            break
+        kids += nxt
+        frontier = {int(r[0]) for r in nxt}
+    return [r[3] for r in kids if any(w in r[3] for w in ("flower", "flwr", "ray"))]
+
+
+def test_deployment_loopback_cad_two_supernodes(tmp_path, digits):
+    """SuperLink + 2 SuperNodes + `flwr run`: the run directory of a 2-round CAD run, the
+    same global_acc as the own engine, and no process left behind."""
+    from cadfl.flower.deploy import deploy_experiment
+    overrides = ["devices=2", "rounds=2", "data_fraction=0.5", 'algorithms=["cad"]']
+    out = tmp_path / "deploy"
+    before = set(flower_children())
+    lines = deploy_experiment(None, overrides, out, timeout=420)
+    own = run_experiment(load_config(None, overrides), tmp_path / "own", quiet=True,
+                         dataset=digits)
+    assert accs(lines, "cad") == pytest.approx(accs(own, "cad"), abs=1e-6)
+    assert (out / "summary.md").exists() and (out / "checkpoints" / "cad.safetensors").exists()
+    logs = {p.name for p in (out / "logs").iterdir()}
+    assert {"superlink.log", "supernode-0.log", "supernode-1.log", "flwr-run.log"} <= logs
+    home = f"FLWR_HOME={out.resolve() / 'flwr-home'}"
+    assert processes_with(home) == []
+    assert set(flower_children()) <= before
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A self-signed CA and a server certificate for 127.0.0.1/localhost signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cadfl test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                       crl_sign=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False,
+                                       decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    paths = folder / "server.pem", folder / "server.key", folder / "ca.pem"
+    paths[0].write_bytes(cert.public_bytes(pem))
+    paths[1].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    paths[2].write_bytes(ca.public_bytes(pem))
+    return paths
+
+
+def test_deployment_over_tls_with_a_self_signed_certificate(tmp_path):
+    """The SuperLink serves HTTPS with a certificate this test makes; SuperNodes and flwr
+    verify it against the test's CA; a plain-HTTP or unverified client is refused."""
+    from cadfl.flower.deploy import TLS, Deployment
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    tls = TLS(*make_certificates(certs))
+    cfg = load_config(None, ["devices=2", "rounds=1", "data_fraction=0.5",
+                             'algorithms=["fedavg"]'])
+    out = (tmp_path / "tls").resolve()
+    dep = Deployment(out, cfg.devices, tls)
+    try:
+        dep.start()
+        # The port speaks TLS with the test's certificate...
+        ctx = ssl.create_default_context(cafile=str(tls.cafile))
+        with socket.create_connection(("127.0.0.1", dep.superlink_port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            assert s.version() in ("TLSv1.2", "TLSv1.3")
+        # ...which a client without the CA rejects.
+        with pytest.raises(ssl.SSLCertVerificationError), \
+                socket.create_connection(("127.0.0.1", dep.superlink_port), timeout=5) as raw, \
+                ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1"):
+            pass
+        done = dep.flwr_run({"config": "", "set": ";".join([
+            "devices=2", "rounds=1", "data_fraction=0.5", 'algorithms=["fedavg"]']),
+            "out": str(out), "timeout": 300}, timeout=300)
+        assert done.returncode == 0
+        assert len(read_metrics(out / "metrics.jsonl")) == 1
+    finally:
+        left = dep.stop()
+    assert left == []
+    assert processes_with(f"FLWR_HOME={out / 'flwr-home'}") == []
+
+
+def test_deploy_script_help():
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "flower_deploy.py"), "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "SuperLink" in res.stdout
