@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,flower]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,10 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
-	$(VENV)/bin/ruff check cadfl tests benchmarks
+	$(VENV)/bin/ruff check cadfl tests benchmarks scripts
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cadfl tests benchmarks
+	$(VENV)/bin/ruff check cadfl tests benchmarks scripts

@@ -167,10 +167,11 @@ def main(argv: list[str] | None = None) -> None:
         argv if argv is not None else sys.argv[1:])
     (args.out / "results.md").write_text(
         f"# CAD vs FedAvg, scale `{args.scale}`\n\n"
-        f"Produced by `{command}` (CIFAR-10 from `$CADFL_DATA`); settings: the presets "
-        f"{', '.join(f'`configs/{PRESETS[m]}`' for m in args.models)} with "
-        f"{', '.join(f'{m}: {SCALES[args.scale][m]}' for m in args.models)}; seeds "
-        f"{args.seeds}. Accuracy: mean ± standard deviation over seeds.\n\n"
+        f"Produced by `{command}` (CIFAR-10 read from `$CADFL_DATA`). Settings: "
+        + "; ".join(f"`configs/{PRESETS[m]}` with "
+                    f"`{' '.join(SCALES[args.scale][m]) or 'no changes'}`" for m in args.models)
+        + f"; algorithms {args.algorithms}; seeds {args.seeds}. Accuracy: mean ± standard "
+        "deviation over seeds; rounds to FedAvg's best: per seed.\n\n"
         f"{table(runs, args.algorithms)}\n\n"
         "![accuracy vs rounds](curves.png)\n\n![accuracy vs bytes](bytes.png)\n\n"
         "![accuracy vs device FLOPs](flops.png)\n")

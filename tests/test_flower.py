@@ -383,3 +383,29 @@ def test_deploy_script_help():
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "flower_deploy.py"), "--help"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "SuperLink" in res.stdout
+
+
+def test_deployment_with_supernode_authentication(tmp_path):
+    """TLS + `--enable-supernode-auth`: each SuperNode's key pair is registered with
+    `flwr supernode register` before it starts and signs its requests; a round completes."""
+    from cadfl.flower.deploy import TLS, Deployment
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    tls = TLS(*make_certificates(certs))
+    out = (tmp_path / "auth").resolve()
+    dep = Deployment(out, 2, tls, auth=True)
+    try:
+        dep.start()
+        done = dep.flwr_run({"config": "", "set": "devices=2;rounds=1;data_fraction=0.5;"
+                             'algorithms=["fedavg"]', "out": str(out), "timeout": 300},
+                            timeout=300)
+        assert done.returncode == 0
+        assert len(read_metrics(out / "metrics.jsonl")) == 1
+    finally:
+        left = dep.stop()
+    assert left == []
+    registered = (out / "logs" / "flwr-register.log").read_text()
+    assert registered.count("registered successfully") == 2
+    assert "authentication is disabled" not in (out / "logs" / "superlink.log").read_text()
+    assert processes_with(f"FLWR_HOME={out / 'flwr-home'}") == []

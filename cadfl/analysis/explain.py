@@ -65,6 +65,19 @@ def analyze_spec(spec: ModelSpec, state: dict, x: torch.Tensor, y: torch.Tensor,
             "suggested_depth": suggest_depth([sel[n] for n in convs], threshold)}
 
 
+def path_agreement(spec: ModelSpec, means: dict[str, torch.Tensor]) -> dict[str, float]:
+    """For each decoupled layer (class paths, logits excluded), the share of filters whose
+    preferred class is the class of the path they belong to (chance: 1/K)."""
+    out = {}
+    for name, m in means.items():
+        groups = spec.layer(name).groups
+        if groups is None or groups[0] == 1:
+            continue
+        owner = torch.tensor(spec.class_ids).repeat_interleave(groups[0])
+        out[name] = float((m.argmax(0) == owner).float().mean())
+    return out
+
+
 def analyze_command(args: argparse.Namespace) -> int:
     """Preferences, selectivity by depth, suggested depth, and critical paths of a checkpoint."""
     ckpt = Path(args.checkpoint)
@@ -85,12 +98,16 @@ def analyze_command(args: argparse.Namespace) -> int:
         # Decoupling an already decoupled spec gives it back, with its path description.
         dec = decouple(spec, spec.num_classes, depth)
         critical_paths(dec, ds.classes, args.cls, out / f"critical-paths-{args.cls}.png")
+    agreement = path_agreement(spec, result["means"])
     summary = {"checkpoint": str(ckpt), "images": n, "selectivity": result["selectivity"],
-               "threshold": args.threshold, "suggested_depth": result["suggested_depth"]}
+               "threshold": args.threshold, "suggested_depth": result["suggested_depth"],
+               "path_agreement": agreement}
     (out / "analysis.json").write_text(json.dumps(summary, indent=1))
     print(f"{'layer':<8} selectivity")
     for name, s in result["selectivity"].items():
         print(f"{name:<8} {s:.3f}")
+    for name, a in agreement.items():
+        print(f"{name}: {a:.0%} of its filters prefer their own path's class")
     print(f"suggested decoupling depth (threshold {args.threshold}): "
           f"{result['suggested_depth']} conv layer(s) from the end")
     print(f"wrote {out}")

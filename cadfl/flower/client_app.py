@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..fl.device import DeviceData, run_task
-from ..sim.config import Config, _from_dict, validate
+from ..sim.config import Config, config_from_dict
 from .codec import decode_payload, encode_update
 from .data import device_data
 
@@ -47,7 +47,7 @@ def node_partition(context: Context) -> int:
 
 def config_from_json(text: str) -> Config:
     """The validated experiment config from its JSON form (`Config.to_dict()`)."""
-    return validate(_from_dict(Config, json.loads(text)))
+    return config_from_dict(json.loads(text))
 
 
 def local_data(experiment: str, context: Context) -> DeviceData:

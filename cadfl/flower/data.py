@@ -30,4 +30,4 @@ def device_data(cfg: Config, device: int, ds: Dataset | None = None) -> DeviceDa
     ds = ds or load_dataset(cfg.dataset, cfg.data_dir or None)
     parts = partition_indices(cfg, ds)
     idx = torch.cat(parts).sort().values if device == POOLED else parts[device]
-    return Experiment._data(ds, idx)
+    return Experiment.data_of(ds, idx)

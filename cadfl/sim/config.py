@@ -228,6 +228,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """The validated config from a nested dict (e.g. `Config.to_dict()` sent to a device)."""
+    return validate(_from_dict(Config, data))
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """The validated config: defaults, then the TOML file (if any), then the overrides."""
     data: dict[str, Any] = {}
@@ -247,4 +252,4 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text!r}: {k} is not a section")
         node[keys[-1]] = value
-    return validate(_from_dict(Config, data))
+    return config_from_dict(data)

@@ -94,14 +94,15 @@ class Experiment:
         torch.manual_seed(cfg.seed)
         init = {k: v.clone() for k, v in build_model(spec).state_dict().items()}
         devices = [DeviceInfo(d, tuple(part.class_counts[d])) for d in range(part.num_devices)]
-        data = {d: cls._data(ds, torch.tensor(part.indices[d], dtype=torch.long))
+        data = {d: cls.data_of(ds, torch.tensor(part.indices[d], dtype=torch.long))
                 for d in range(part.num_devices)}
-        data[POOLED] = cls._data(ds, torch.cat([torch.tensor(i, dtype=torch.long)
+        data[POOLED] = cls.data_of(ds, torch.cat([torch.tensor(i, dtype=torch.long)
                                                 for i in part.indices]).sort().values)
         return cls(cfg, ds, part, spec, init, devices, data)
 
     @staticmethod
-    def _data(ds: Dataset, idx: torch.Tensor) -> DeviceData:
+    def data_of(ds: Dataset, idx: torch.Tensor) -> DeviceData:
+        """The training samples `idx` of `ds` as one device's data."""
         return DeviceData(ds.train_x[idx], ds.train_y[idx], ds.num_classes, ds.mean, ds.std,
                           ds.crop_padding, ds.flip)
 
