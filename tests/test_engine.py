@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from cadfl.cli import main
-from cadfl.data.datasets import load_dataset
 from cadfl.fl.device import DeviceData, predict, train_local
 from cadfl.fl.payload import Payload
 from cadfl.fl.strategy import device_seed, is_bn_stat
@@ -26,22 +25,7 @@ KEYS = ["round", "algorithm", "global_acc", "context_acc", "test_loss", "train_l
         "bytes_down", "bytes_up", "device_train_flops", "wall_s"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is as fast, and a second thread
-    waiting at every op's barrier for a busy core can make a round 100x slower."""
-    mp = pytest.MonkeyPatch()
-    before = torch.get_num_threads()
-    mp.setenv("OMP_NUM_THREADS", "1")  # run_experiment's set_threads() honours it
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(*overrides: str) -> Config:

@@ -26,7 +26,6 @@ flwr = pytest.importorskip("flwr")
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 
 from cadfl.cli import main as cli_main  # noqa: E402
-from cadfl.data.datasets import load_dataset  # noqa: E402
 from cadfl.fl.central import POOLED  # noqa: E402
 from cadfl.fl.payload import Payload, TrainConfig, Update  # noqa: E402
 from cadfl.flower import client_app  # noqa: E402
@@ -45,21 +44,7 @@ from cadfl.sim.engine import Experiment, read_metrics, run_experiment  # noqa: E
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One compute thread, as every Flower worker uses: the same arithmetic on both sides."""
-    mp = pytest.MonkeyPatch()
-    before = torch.get_num_threads()
-    mp.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(*overrides: str):
