@@ -140,6 +140,7 @@ def test_activation_cad_queries_once_then_trains_decoupled_sub_models():
     state = strategy.aggregate_query(2, state, replies)
     assert strategy.is_decoupled(state)
     assert strategy.configure_query(3, state, [0, 1, 2]) == {}
+    assert state["spare/conv3.weight"].shape == (8, 64, 3, 3)  # 128 - 10 x 12 left over
     notes = strategy.notes["assignment"]["conv3"]
     assert notes["filters_per_class"] == 12 and 0.0 <= notes["argmax_fraction"] <= 1.0
     payloads = strategy.configure_train(2, state, [0, 1, 2])

@@ -99,6 +99,9 @@ def test_a_path_changes_only_when_a_holder_of_its_class_took_part(case, data):
     for key in state:
         if not state[key].is_floating_point():
             continue
+        if key.startswith("spare/"):  # the spare pool takes part in nothing
+            assert torch.equal(new[key], state[key]), key
+            continue
         if not dec.is_path_key(key) or key.endswith("num_batches_tracked"):
             assert torch.allclose(new[key], state[key] + 1), key
             continue
@@ -139,13 +142,17 @@ def test_fed2_sends_the_whole_grouped_model_and_cad_a_smaller_one():
     assert state_bytes(p_cad.state) < state_bytes(p_fed2.state) < state_bytes(init)
 
 
-def test_trunk_of_cad_starts_from_the_dense_initial_weights():
+def test_trunk_of_cad_starts_from_the_dense_initial_weights_and_spares_are_kept_aside():
     spec = get_model("digits_cnn", 10)
     init = build_model(spec).state_dict()
     strategy = CAD(spec, TrainConfig(seed=3), [DeviceInfo(0, (1,) * 10)], depth=1)
     state = strategy.initial_state(init)
     assert torch.equal(state["conv1.weight"], init["conv1.weight"])
     assert state["conv3.weight"].shape[0] == 120  # 12 filters per class, 8 spare
+    assert torch.equal(state["spare/conv3.weight"], init["conv3.weight"][120:])
+    payload = strategy.configure_train(1, state, [0])[0]
+    assert not any(k.startswith("spare/") for k in payload.state)  # never sent
+    assert not any(k.startswith("spare/") for k in strategy.global_model(state)[1])
 
 
 @pytest.mark.parametrize("model,depth", [("alexnet", 2), ("vgg16", 3)])

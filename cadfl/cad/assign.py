@@ -6,7 +6,8 @@
    last), with the next layer's inputs and the batch-norm parameters permuted to match, so the
    dense network computes exactly the same function.
 3. `to_decoupled`: keep only the within-group weights (cross-group weights are zeroed, i.e.
-   dropped from the grouped layers) and drop the spare filters.
+   dropped from the grouped layers) and move the spare filters out of the model into the
+   spare pool (`spare_pool`), where they take part in nothing until a new class needs a path.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from .decouple import Decoupling
 
 State = dict[str, torch.Tensor]
+SPARE_PREFIX = "spare/"
 
 
 def balanced_assignment(means: torch.Tensor, per_class: int) -> torch.Tensor:
@@ -130,4 +132,18 @@ def to_decoupled(dec: Decoupling, state: State) -> State:
                 t = torch.cat([t[c * g_out:(c + 1) * g_out, c * g_in:(c + 1) * g_in]
                                for c in range(k)])
             out[key] = t.contiguous()
+    return out
+
+
+def spare_pool(dec: Decoupling, state: State) -> State:
+    """The filters left over by the equal split, from a dense state whose filters are grouped
+    by class (spare last): weight and bias rows of each decoupled layer beyond its class
+    groups, keyed `spare/<layer>.<param>`."""
+    out = {}
+    for name, (_, spare) in dec.widths.items():
+        if not spare:
+            continue
+        used = dec.spec.layer(name).out_ch
+        for key in _param_keys(state, name):
+            out[SPARE_PREFIX + key] = state[key][used:].clone()
     return out

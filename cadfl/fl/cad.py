@@ -22,7 +22,14 @@ from collections.abc import Sequence
 import torch
 
 from ..analysis.preference import class_means, preferred_class, selectivity, suggest_depth
-from ..cad.assign import balanced_assignment, group_permutation, permute_dense, to_decoupled
+from ..cad.assign import (
+    SPARE_PREFIX,
+    balanced_assignment,
+    group_permutation,
+    permute_dense,
+    spare_pool,
+    to_decoupled,
+)
 from ..cad.decouple import Decoupling, conv_indices, decouple
 from ..cad.submodel import extract, index_map, row_classes
 from ..models import ModelSpec, SpecError, build_model
@@ -100,8 +107,9 @@ class CAD(Strategy):
         return _matches(state, self._shapes)
 
     def global_model(self, state: State) -> tuple[ModelSpec, State]:
-        """The decoupled model, or the dense one while warming up."""
+        """The decoupled model (without the spare pool), or the dense one while warming up."""
         spec, weights = super().global_model(state)
+        weights = {k: v for k, v in weights.items() if not k.startswith(SPARE_PREFIX)}
         return (spec if self.is_decoupled(state) else self.dense_spec), weights
 
     def initial_state(self, weights: State) -> State:
@@ -115,7 +123,7 @@ class CAD(Strategy):
         for key in state:
             if not self.decoupling.is_path_key(key):
                 state[key] = weights[key].clone()
-        return state
+        return {**state, **spare_pool(self.decoupling, weights)}
 
     def device_classes(self, device: int) -> tuple[int, ...]:
         """The classes whose paths a device receives: its own context."""
@@ -158,7 +166,7 @@ class CAD(Strategy):
             "selectivity": {name: selectivity(m) for name, m in means.items()}}
         dense = permute_dense(dec, self.global_model(state)[1], perms)
         local = {k_: v for k_, v in state.items() if k_.startswith(LOCAL_PREFIX)}
-        return {**to_decoupled(dec, dense), **local}
+        return {**to_decoupled(dec, dense), **spare_pool(dec, dense), **local}
 
     def configure_train(self, rnd: int, state: State, device_ids: Sequence[int]
                         ) -> dict[int, Payload]:
@@ -185,8 +193,8 @@ class CAD(Strategy):
             row_weights = {k: counts[row_classes(self.decoupling, k, classes)] for k in rows}
             contributions.append(Contribution(u.state, u.num_samples, rows, row_weights))
         merged = aggregate(weights, contributions)
-        local = {k: v for k, v in state.items() if k.startswith(LOCAL_PREFIX)}
-        return self.store_local_stats({**merged, **local}, updates)
+        kept = {k: v for k, v in state.items() if k not in weights}  # local stats, spare pool
+        return self.store_local_stats({**merged, **kept}, updates)
 
 
     def configure_evaluate(self, rnd: int, state: State, device_ids: Sequence[int]
