@@ -74,6 +74,7 @@ class Config:
     `sample` is a fraction of devices per round when a float in (0, 1], a number of devices
     when an integer. `data_fraction` keeps that share of every class's training images (for
     quick CPU-scale runs). `bn` is "average" or "keep_local" (batch-norm statistics).
+    A round with fewer than `min_devices` valid updates keeps the previous global state.
     """
 
     dataset: str = "digits"
@@ -91,6 +92,7 @@ class Config:
     target_acc: float = 0.8
     data_fraction: float = 1.0
     bn: str = "average"
+    min_devices: int = 1
     train: TrainSection = field(default_factory=TrainSection)
     fedprox: FedProxConfig = field(default_factory=FedProxConfig)
     cad: CadConfig = field(default_factory=CadConfig)
@@ -180,6 +182,7 @@ def validate(cfg: Config) -> Config:
     if len(set(cfg.algorithms)) != len(cfg.algorithms):
         raise ConfigError(f"algorithms: listed twice in {cfg.algorithms}")
     _range("devices", cfg.devices, 1)
+    _range("min_devices", cfg.min_devices, 1)
     _range("rounds", cfg.rounds, 1)
     _range("eval_every", cfg.eval_every, 1)
     _range("seed", cfg.seed, 0)

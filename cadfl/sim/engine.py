@@ -8,6 +8,7 @@ the config runs on exactly those, round after round, and each round appends one 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -28,15 +29,17 @@ from ..fl import ALGORITHMS, Strategy
 from ..fl.central import POOLED
 from ..fl.device import DeviceData, accuracy, predict, run_task
 from ..fl.payload import DeviceInfo, Payload, State, TrainConfig, Update, state_bytes
+from ..fl.validate import rejection
 from ..models import ModelSpec, build_model, get_model
 from ..report.plots import plot_curves
 from ..report.summary import markdown_table, summarize
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
 
+log = logging.getLogger("cadfl")
 Executor = Callable[[dict[int, Payload]], dict[int, Update]]
 METRIC_KEYS = ("round", "algorithm", "global_acc", "context_acc", "test_loss", "train_loss",
-               "bytes_down", "bytes_up", "device_train_flops", "wall_s")
+               "bytes_down", "bytes_up", "device_train_flops", "wall_s", "rejected")
 
 
 def set_threads() -> int:
@@ -128,6 +131,22 @@ class Experiment:
         """Execute payloads in this process, one device after another (ascending id)."""
         return {d: run_task(p, self.device_data[d]) for d, p in sorted(payloads.items())}
 
+    def screen(self, rnd: int, payloads: dict[int, Payload], answers: dict[int, Update]
+               ) -> tuple[dict[int, Update], int]:
+        """The valid answers, and how many payloads got none or an invalid one (logged with
+        the device and the reason)."""
+        valid, rejected = {}, 0
+        for d, p in sorted(payloads.items()):
+            u = answers.get(d)
+            reason = "no answer" if u is None else rejection(
+                p, u, self.dataset.num_classes, len(self.device_data[d].y))
+            if reason:
+                log.warning("round %d: update of device %d rejected: %s", rnd, d, reason)
+                rejected += 1
+            else:
+                valid[d] = u
+        return valid, rejected
+
     def train_round(self, strategy: Strategy, rnd: int, state: State,
                     execute: Executor | None = None) -> tuple[State, dict[str, float]]:
         """One round: configure, train every participant, aggregate; returns the new state.
@@ -140,13 +159,17 @@ class Experiment:
         ids = sample_devices(cfg.seed, rnd, cfg.devices, cfg.sampled_per_round())
         execute = execute or self.run_here
         queries = strategy.configure_query(rnd, state, [d.id for d in self.devices])
-        replies = execute(queries) if queries else {}
-        if queries:
+        replies, rejected_q = self.screen(rnd, queries, execute(queries) if queries else {})
+        if replies:
             state = strategy.aggregate_query(rnd, state, replies)
         payloads = strategy.configure_train(rnd, state, ids)
-        updates = execute(payloads)
-        state = strategy.aggregate_train(rnd, state, updates)
-        n = len(updates)
+        updates, rejected = self.screen(rnd, payloads, execute(payloads))
+        if len(updates) >= min(cfg.min_devices, len(payloads)):
+            state = strategy.aggregate_train(rnd, state, updates)
+        else:
+            log.warning("round %d: %d valid update(s), fewer than min_devices=%d: the global "
+                        "state is kept", rnd, len(updates), cfg.min_devices)
+        n = max(1, len(updates))
         comm = strategy.communicates
         # Statistics queries are traffic too: spread over this round's participants.
         down = [p.state for p in [*queries.values(), *payloads.values()]]
@@ -157,6 +180,7 @@ class Experiment:
             "bytes_down": sum(map(state_bytes, down)) / n if comm else 0,
             "bytes_up": sum(map(state_bytes, up)) / n if comm else 0,
             "device_train_flops": sum(u.metrics["train_flops"] for u in updates.values()) / n,
+            "rejected": rejected + rejected_q,
             "wall_s": time.perf_counter() - start,
         }
         return state, stats
