@@ -6,6 +6,7 @@ spec says which class each logit stands for, and samples of other classes are le
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,8 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
     """Train the payload's model on the device's data and return the update.
 
     Local SGD for `config.epochs` epochs with cross-entropy over the model's own classes, plus
-    FedProx's proximal term (mu/2)||w - w_global||^2 when `config.mu` > 0. All randomness
+    FedProx's proximal term (mu/2)||w - w_global||^2 when `config.mu` > 0; a straggler
+    (`config.fraction` < 1) stops after that share of the SGD steps. All randomness
     (order, augmentation, dropout) comes from `config.seed`, so a device's training is a pure
     function of its payload and data.
     """
@@ -84,9 +86,14 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay)
         loss_sum = torch.zeros((), dtype=torch.float64)
+        steps = math.ceil(cfg.fraction * cfg.epochs * math.ceil(n / cfg.batch_size))
+        seen = 0
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, cfg.batch_size):
+                if steps <= 0:
+                    break
+                steps -= 1
                 idx = order[start:start + cfg.batch_size]
                 xb = xf[idx]
                 if cfg.augment:
@@ -100,7 +107,7 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
                 loss.backward()
                 opt.step()
                 loss_sum += ce.detach() * len(idx)
-    seen = n * cfg.epochs
+                seen += len(idx)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     return Update(
         state=state, num_samples=n,

@@ -28,6 +28,7 @@ class TrainConfig:
     mu: float = 0.0
     seed: int = 0
     augment: bool = True
+    fraction: float = 1.0  # share of the local SGD steps actually done (a straggler: < 1)
 
     def to_dict(self) -> dict:
         """Plain dict form (for payload transport and run configs)."""

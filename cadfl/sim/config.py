@@ -56,6 +56,15 @@ class FedProxConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Seeded faults injected in simulation (probabilities per device and round)."""
+
+    dropout: float = 0.0  # the device never answers
+    straggler: float = 0.0  # the device does only a random part of its local steps
+    corrupt: float = 0.0  # the device returns NaNs or a tensor of the wrong shape
+
+
+@dataclass
 class CadConfig:
     """CAD and Fed2: where class paths start and how filters are assigned to classes."""
 
@@ -96,6 +105,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     fedprox: FedProxConfig = field(default_factory=FedProxConfig)
     cad: CadConfig = field(default_factory=CadConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what is written to the run directory)."""
@@ -206,6 +216,8 @@ def validate(cfg: Config) -> Config:
                               "cad.assign = \"activation\"")
     else:
         _range("cad.depth", cfg.cad.depth, 0)
+    for name in ("dropout", "straggler", "corrupt"):
+        _range(f"faults.{name}", getattr(cfg.faults, name), 0, 1)
     _range("cad.selectivity_threshold", cfg.cad.selectivity_threshold, 0, 1)
     one_of("cad.assign", cfg.cad.assign, ("prior", "activation"))
     _range("cad.warmup_rounds", cfg.cad.warmup_rounds, 0)

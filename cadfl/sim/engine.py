@@ -35,6 +35,7 @@ from ..report.plots import plot_curves
 from ..report.summary import markdown_table, summarize
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
+from .faults import with_faults
 
 log = logging.getLogger("cadfl")
 Executor = Callable[[dict[int, Payload]], dict[int, Update]]
@@ -157,7 +158,7 @@ class Experiment:
         cfg = self.cfg
         start = time.perf_counter()
         ids = sample_devices(cfg.seed, rnd, cfg.devices, cfg.sampled_per_round())
-        execute = execute or self.run_here
+        execute = with_faults(execute or self.run_here, cfg.faults, cfg.seed, rnd)
         queries = strategy.configure_query(rnd, state, [d.id for d in self.devices])
         replies, rejected_q = self.screen(rnd, queries, execute(queries) if queries else {})
         if replies:
