@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from cadfl.cli import main
+from cadfl.fl.aggregate import is_bn_stat
 from cadfl.fl.device import DeviceData, predict, train_local
 from cadfl.fl.payload import Payload
-from cadfl.fl.strategy import device_seed, is_bn_stat
+from cadfl.fl.strategy import device_seed
 from cadfl.sim.checkpoint import load_checkpoint
 from cadfl.sim.config import Config, load_config
 from cadfl.sim.engine import Experiment, run_experiment, sample_devices

@@ -17,6 +17,13 @@ import torch
 
 from .payload import State
 
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_bn_stat(key: str) -> bool:
+    """Whether a state key is a batch-norm running statistic (a buffer, not a weight)."""
+    return key.rsplit(".", 1)[-1] in BN_STATS
+
 
 @dataclass
 class Contribution:
@@ -41,21 +48,115 @@ def _per_row(w: torch.Tensor, dim: int) -> torch.Tensor:
     return w.reshape((-1, *[1] * (dim - 1)) if dim else ())
 
 
-def aggregate(state: State, contributions: Sequence[Contribution]) -> State:
-    """Weighted average of `contributions` into a new state (the input is not modified)."""
+RULES = ("mean", "median", "trimmed_mean")
+
+
+@dataclass(frozen=True)
+class Robustness:
+    """How to combine the holders of a row: their weighted `mean` (the default), or, against
+    hostile devices, their coordinate-wise `median` or `trimmed_mean` (dropping the `trim`
+    share of the lowest and of the highest values); `clip` > 0 first scales down every
+    device's update (its weights minus the global ones) to at most that L2 norm."""
+
+    rule: str = "mean"
+    trim: float = 0.1
+    clip: float = 0.0
+
+
+MEAN = Robustness()
+
+def aggregate(state: State, contributions: Sequence[Contribution],
+              robust: Robustness = MEAN) -> State:
+    """Combine `contributions` into a new state (the input is not modified): a weighted mean
+    over the holders of each row, or a robust statistic over them (see `Robustness`)."""
+    if robust.rule not in RULES:
+        raise ValueError(f"unknown aggregation rule {robust.rule!r}; valid: {', '.join(RULES)}")
+    for c in contributions:
+        for key, t in c.state.items():
+            _check_shape(state, c, key, t)
+    if robust.clip > 0:
+        contributions = [clip_update(state, c, robust.clip) for c in contributions]
+    if robust.rule == "mean":
+        return _weighted_mean(state, contributions)
+    return _order_statistic(state, contributions, robust)
+
+
+def _check_shape(state: State, c: Contribution, key: str, t: torch.Tensor) -> None:
+    g = state[key]
+    rows = c.rows.get(key)
+    expected = g.shape if rows is None else (len(rows), *g.shape[1:])
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{key}: got shape {tuple(t.shape)}, expected {tuple(expected)}")
+
+
+def _row_weights(c: Contribution, key: str, t: torch.Tensor) -> torch.Tensor:
+    w = c.row_weights.get(key)
+    return (torch.full((_rows_of(t),), float(c.weight), dtype=torch.float64) if w is None
+            else w.to(torch.float64))
+
+
+def clip_update(state: State, c: Contribution, max_norm: float) -> Contribution:
+    """The contribution with its update (weights minus global weights, batch-norm statistics
+    left out) scaled down to L2 norm `max_norm` if it is longer."""
+    deltas = {}
+    for key, t in c.state.items():
+        if t.is_floating_point() and not is_bn_stat(key):
+            rows = c.rows.get(key)
+            g = state[key] if rows is None else state[key].index_select(0, rows)
+            deltas[key] = (t.to(torch.float64) - g.to(torch.float64), g)
+    norm = float(sum((d ** 2).sum() for d, _ in deltas.values())) ** 0.5
+    if norm <= max_norm:
+        return c
+    scale = max_norm / norm
+    clipped = dict(c.state)
+    for key, (d, g) in deltas.items():
+        clipped[key] = (g.to(torch.float64) + d * scale).to(c.state[key].dtype)
+    return Contribution(clipped, c.weight, c.rows, c.row_weights)
+
+
+def _order_statistic(state: State, contributions: Sequence[Contribution],
+                     robust: Robustness) -> State:
+    """Coordinate-wise median or trimmed mean over the holders of each row (unweighted)."""
+    out = dict(state)
+    for key in dict.fromkeys(k for c in contributions for k in c.state):
+        g = state[key]
+        stack = torch.full((len(contributions), *g.shape), float("nan"), dtype=torch.float64)
+        for i, c in enumerate(contributions):
+            if key not in c.state:
+                continue
+            t = c.state[key].to(torch.float64)
+            held = _row_weights(c, key, t) > 0
+            rows = c.rows.get(key)
+            rows = torch.arange(_rows_of(g)) if rows is None else rows
+            if g.dim() == 0:
+                if held.all():
+                    stack[i] = t
+                continue
+            stack[i, rows[held]] = t[held]
+        valid = ~torch.isnan(stack)
+        count = valid.sum(0)
+        if robust.rule == "median":
+            value = torch.nanmedian(stack, dim=0).values
+        else:
+            ordered = torch.where(valid, stack, torch.inf).sort(dim=0).values
+            lo = torch.floor(robust.trim * count)
+            index = torch.arange(len(contributions), dtype=torch.float64).view(
+                -1, *[1] * g.dim())
+            keep = (index >= lo) & (index < count - lo)
+            value = torch.where(keep, ordered, 0.0).sum(0) / keep.sum(0).clamp_min(1)
+        value = torch.where(count > 0, value, g.to(torch.float64))
+        out[key] = (value.round() if not g.is_floating_point() else value).to(g.dtype)
+    return out
+
+
+def _weighted_mean(state: State, contributions: Sequence[Contribution]) -> State:
     sums: dict[str, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
     for c in contributions:
         for key, t in c.state.items():
             g = state[key]
             rows = c.rows.get(key)
-            expected = g.shape if rows is None else (len(rows), *g.shape[1:])
-            if tuple(t.shape) != tuple(expected):
-                raise ValueError(f"{key}: got shape {tuple(t.shape)}, expected {tuple(expected)}")
-            n = _rows_of(t)
-            w = c.row_weights.get(key)
-            w = (torch.full((n,), float(c.weight), dtype=torch.float64) if w is None
-                 else w.to(torch.float64))
+            w = _row_weights(c, key, t)
             if key not in sums:
                 sums[key] = torch.zeros(g.shape, dtype=torch.float64)
                 weights[key] = torch.zeros(_rows_of(g), dtype=torch.float64)

@@ -33,7 +33,7 @@ from ..cad.assign import (
 from ..cad.decouple import Decoupling, conv_indices, decouple
 from ..cad.submodel import extract, index_map, row_classes
 from ..models import ModelSpec, SpecError, build_model
-from .aggregate import Contribution, aggregate
+from .aggregate import MEAN, Contribution, Robustness, aggregate
 from .fedavg import FedAvg
 from .payload import DeviceInfo, Payload, State, TrainConfig, Update
 from .strategy import LOCAL_PREFIX, Strategy
@@ -64,18 +64,19 @@ class CAD(Strategy):
     name = "cad"
 
     def __init__(self, spec: ModelSpec, train: TrainConfig, devices: Sequence[DeviceInfo],
-                 bn: str = "average", depth: int | str = 1, assign: str = "prior",
+                 bn: str = "average", robust: Robustness = MEAN,
+                 depth: int | str = 1, assign: str = "prior",
                  warmup_rounds: int = 0, pretrained: State | None = None,
                  selectivity_threshold: float = 0.3) -> None:
         if assign not in ASSIGN_MODES:
             raise ValueError(f"assign must be one of {ASSIGN_MODES}, got {assign!r}")
         if depth == "auto" and assign != "activation":
             raise ValueError("depth='auto' needs assign='activation' (a trained model to measure)")
-        super().__init__(spec, train, devices, bn=bn)
+        super().__init__(spec, train, devices, bn=bn, robust=robust)
         self.dense_spec, self.assign = spec, assign
         self.warmup_rounds, self.pretrained = warmup_rounds, pretrained
         self.threshold = selectivity_threshold
-        self.dense = FedAvg(spec, train, devices, bn=bn)
+        self.dense = FedAvg(spec, train, devices, bn=bn, robust=robust)
         self.decoupling: Decoupling | None = None
         if depth == "auto":
             # Every feasible depth, so that a resumed run recognises its decoupled state.
@@ -192,7 +193,7 @@ class CAD(Strategy):
             counts = torch.tensor(u.class_counts, dtype=torch.float64)
             row_weights = {k: counts[row_classes(self.decoupling, k, classes)] for k in rows}
             contributions.append(Contribution(u.state, u.num_samples, rows, row_weights))
-        merged = aggregate(weights, contributions)
+        merged = aggregate(weights, contributions, self.robust)
         kept = {k: v for k, v in state.items() if k not in weights}  # local stats, spare pool
         return self.store_local_stats({**merged, **kept}, updates)
 

@@ -26,6 +26,6 @@ class FedAvg(Strategy):
         """Sample-weighted mean of the participants' weights."""
         contributions = [Contribution(updates[d].state, updates[d].num_samples)
                          for d in sorted(updates)]
-        merged = aggregate(state, contributions)
+        merged = aggregate(state, contributions, self.robust)
         local = {k: v for k, v in state.items() if k.startswith(LOCAL_PREFIX)}
         return self.store_local_stats({**merged, **local}, updates)

@@ -14,16 +14,11 @@ from dataclasses import replace
 from typing import ClassVar
 
 from ..models import ModelSpec
+from .aggregate import MEAN, Robustness, is_bn_stat
 from .payload import DeviceInfo, Payload, State, TrainConfig, Update
 
-BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 BN_MODES = ("average", "keep_local")
 LOCAL_PREFIX = "local/"
-
-
-def is_bn_stat(key: str) -> bool:
-    """Whether a state key is a batch-norm running statistic (a buffer, not a weight)."""
-    return key.rsplit(".", 1)[-1] in BN_STATS
 
 
 def device_seed(seed: int, rnd: int, device: int) -> int:
@@ -39,6 +34,7 @@ class Strategy(ABC):
     `communicates` is False for references that move no bytes (centralised training).
     `bn="keep_local"` keeps each device's batch-norm running statistics on the device across
     rounds (SiloBN-style); the global model still carries their weighted average.
+    `robust` chooses how holders are combined (weighted mean, or a robust statistic).
     `notes` holds what the algorithm wants recorded in the run directory (JSON-able).
     """
 
@@ -47,10 +43,10 @@ class Strategy(ABC):
     communicates: ClassVar[bool] = True
 
     def __init__(self, spec: ModelSpec, train: TrainConfig, devices: Sequence[DeviceInfo],
-                 bn: str = "average") -> None:
+                 bn: str = "average", robust: Robustness = MEAN) -> None:
         if bn not in BN_MODES:
             raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
-        self.spec, self.train, self.bn = spec, train, bn
+        self.spec, self.train, self.bn, self.robust = spec, train, bn, robust
         self.devices = {d.id: d for d in devices}
         self.notes: dict = {}
 

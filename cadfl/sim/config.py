@@ -56,12 +56,22 @@ class FedProxConfig:
 
 
 @dataclass
+class AggregationConfig:
+    """How the cloud combines the holders of each parameter (robust rules for hostile devices)."""
+
+    rule: str = "mean"  # mean | median | trimmed_mean
+    trim: float = 0.1  # trimmed_mean: share of the lowest and of the highest values dropped
+    clip: float = 0.0  # > 0: scale every update down to at most this L2 norm first
+
+
+@dataclass
 class FaultsConfig:
     """Seeded faults injected in simulation (probabilities per device and round)."""
 
     dropout: float = 0.0  # the device never answers
     straggler: float = 0.0  # the device does only a random part of its local steps
     corrupt: float = 0.0  # the device returns NaNs or a tensor of the wrong shape
+    byzantine: float = 0.0  # the device sends its update sign-flipped or scaled by 10
 
 
 @dataclass
@@ -106,6 +116,7 @@ class Config:
     fedprox: FedProxConfig = field(default_factory=FedProxConfig)
     cad: CadConfig = field(default_factory=CadConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what is written to the run directory)."""
@@ -216,7 +227,10 @@ def validate(cfg: Config) -> Config:
                               "cad.assign = \"activation\"")
     else:
         _range("cad.depth", cfg.cad.depth, 0)
-    for name in ("dropout", "straggler", "corrupt"):
+    one_of("aggregation.rule", cfg.aggregation.rule, ("mean", "median", "trimmed_mean"))
+    _range("aggregation.trim", cfg.aggregation.trim, 0, 0.49)
+    _range("aggregation.clip", cfg.aggregation.clip, 0)
+    for name in ("dropout", "straggler", "corrupt", "byzantine"):
         _range(f"faults.{name}", getattr(cfg.faults, name), 0, 1)
     _range("cad.selectivity_threshold", cfg.cad.selectivity_threshold, 0, 1)
     one_of("cad.assign", cfg.cad.assign, ("prior", "activation"))

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..data.datasets import Dataset, load_dataset
 from ..data.partition import Partition, make_partition
 from ..fl import ALGORITHMS, Strategy
+from ..fl.aggregate import Robustness
 from ..fl.central import POOLED
 from ..fl.device import DeviceData, accuracy, predict, run_task
 from ..fl.payload import DeviceInfo, Payload, State, TrainConfig, Update, state_bytes
@@ -125,8 +126,9 @@ class Experiment:
                "warmup_rounds": cfg.cad.warmup_rounds, "pretrained": pretrained,
                "selectivity_threshold": cfg.cad.selectivity_threshold}
         options = {"fedprox": {"mu": cfg.fedprox.mu}, "cad": cad, "fed2": cad}
+        robust = Robustness(cfg.aggregation.rule, cfg.aggregation.trim, cfg.aggregation.clip)
         return ALGORITHMS[name](self.spec, self.train_config(), self.devices, bn=cfg.bn,
-                                **options.get(name, {}))
+                                robust=robust, **options.get(name, {}))
 
     def run_here(self, payloads: dict[int, Payload]) -> dict[int, Update]:
         """Execute payloads in this process, one device after another (ascending id)."""

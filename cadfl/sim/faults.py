@@ -1,4 +1,5 @@
-"""Seeded faults for the simulation: devices that never answer, stragglers, corrupt updates.
+"""Seeded faults for the simulation: devices that never answer, stragglers, corrupt updates,
+and Byzantine devices that send a sign-flipped or scaled update.
 
 Every draw comes from (seed, round, device), so a run with faults is as reproducible as one
 without, and exercises the update validation (`cadfl.fl.validate`) the same way every time.
@@ -30,9 +31,19 @@ def corrupt(update: Update, rng: np.random.Generator) -> Update:
     return replace(update, state=state)
 
 
+def byzantine(payload: Payload, update: Update, rng: np.random.Generator) -> Update:
+    """The update with its change to the weights sign-flipped or multiplied by 10: finite and
+    well-formed, so validation cannot catch it; only robust aggregation can."""
+    factor = -1.0 if rng.random() < 0.5 else 10.0
+    state = {k: (payload.state[k] + factor * (v - payload.state[k])
+                 if v.is_floating_point() and k in payload.state else v)
+             for k, v in update.state.items()}
+    return replace(update, state=state)
+
+
 def with_faults(execute: Executor, faults: FaultsConfig, seed: int, rnd: int) -> Executor:
     """`execute` with devices that drop out, straggle or corrupt their answers."""
-    if not (faults.dropout or faults.straggler or faults.corrupt):
+    if not (faults.dropout or faults.straggler or faults.corrupt or faults.byzantine):
         return execute
 
     def run(payloads: dict[int, Payload]) -> dict[int, Update]:
@@ -46,7 +57,12 @@ def with_faults(execute: Executor, faults: FaultsConfig, seed: int, rnd: int) ->
                 p = replace(p, config=replace(p.config, fraction=fraction))
             sent[d] = p
         answers = execute(sent)
-        return {d: corrupt(u, draws[d]) if draws[d].random() < faults.corrupt else u
-                for d, u in answers.items()}
+        out = {}
+        for d, u in answers.items():
+            bad, hostile = draws[d].random(2)
+            if hostile < faults.byzantine and sent[d].task == "train":
+                u = byzantine(sent[d], u, draws[d])
+            out[d] = corrupt(u, draws[d]) if bad < faults.corrupt else u
+        return out
 
     return run
