@@ -40,7 +40,8 @@ def test_overwrite_keeps_the_latest(tmp_path):
     loaded, record = load_checkpoint(tmp_path, "a")
     assert record["round"] == 2
     assert all(torch.equal(loaded[k], newer[k]) for k in newer)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.json", "a.prev.json", "a.prev.safetensors", "a.safetensors"]
 
 
 def test_missing_checkpoint_is_none(tmp_path):
@@ -97,3 +98,40 @@ def test_corrupt_record_is_refused_naming_the_file(tmp_path):
     (tmp_path / "ck.json").write_text('{"round": 1, "sha')
     with pytest.raises(CheckpointError, match="ck.json"):
         load_checkpoint(tmp_path, "ck")
+
+
+def test_an_altered_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_path, caplog):
+    first, second = sample_state(), {k: v + 1 for k, v in sample_state().items()}
+    save_checkpoint(tmp_path, "ck", first, {"round": 1})
+    save_checkpoint(tmp_path, "ck", second, {"round": 2})
+    data = bytearray((tmp_path / "ck.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "ck.safetensors").write_bytes(bytes(data))
+    loaded, record = load_checkpoint(tmp_path, "ck")
+    assert record["round"] == 1
+    assert all(torch.equal(loaded[k], first[k]) for k in first)
+    assert "ck.safetensors" in caplog.text
+
+
+def test_every_crash_point_of_a_save_leaves_an_intact_checkpoint(tmp_path, monkeypatch):
+    """Die after each file operation of the second save: one of the two rounds is loaded."""
+    import cadfl.sim.checkpoint as ck
+
+    real = ck.os.replace
+    for die_after in range(4):
+        d = tmp_path / str(die_after)
+        save_checkpoint(d, "ck", sample_state(), {"round": 1})
+        calls = []
+
+        def dying(a, b, calls=calls, limit=die_after):
+            if len(calls) == limit:
+                raise KeyboardInterrupt  # stands in for kill -9 between two renames
+            calls.append(a)
+            real(a, b)
+
+        monkeypatch.setattr(ck.os, "replace", dying)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(d, "ck", sample_state(), {"round": 2})
+        monkeypatch.setattr(ck.os, "replace", real)
+        _, record = load_checkpoint(d, "ck")
+        assert record["round"] in (1, 2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -20,17 +21,17 @@ from safetensors.torch import load_file, save_file
 
 from ..models import ModelSpec, build_model
 
+log = logging.getLogger("cadfl")
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing a file, truncated or altered; names the file."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
+def _fsynced(path: Path, write) -> None:
+    write(path)
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -43,32 +44,62 @@ def _sha256(path: Path) -> str:
 
 def save_checkpoint(directory: Path, name: str, state: dict[str, torch.Tensor],
                     record: dict[str, Any]) -> None:
-    """Write `name.safetensors` and `name.json` (the record plus the weights' hash)."""
+    """Write `name.safetensors` and `name.json` (the record plus the weights' hash), keeping
+    the previous pair as `name.prev.*`.
+
+    Both new files are written and fsynced under temporary names first, then the old pair is
+    renamed to `.prev` and the new pair into place. Whenever the process dies, some record on
+    disk still matches some weights file by its hash, and `load_checkpoint` finds that pair.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / f"{name}.safetensors"
+    paths = {kind: directory / f"{name}.{kind}" for kind in ("safetensors", "json")}
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    _atomic_write(weights, lambda p: save_file(tensors, str(p)))
-    meta = {**record, "sha256": _sha256(weights)}
-    _atomic_write(directory / f"{name}.json",
-                  lambda p: p.write_text(json.dumps(meta, indent=1, sort_keys=True)))
+    tmp = {kind: p.with_name(p.name + ".tmp") for kind, p in paths.items()}
+    _fsynced(tmp["safetensors"], lambda p: save_file(tensors, str(p)))
+    meta = {**record, "sha256": _sha256(tmp["safetensors"])}
+    _fsynced(tmp["json"], lambda p: p.write_text(json.dumps(meta, indent=1, sort_keys=True)))
+    for kind in ("safetensors", "json"):
+        if paths[kind].exists():
+            os.replace(paths[kind], directory / f"{name}.prev.{kind}")
+    for kind in ("safetensors", "json"):
+        os.replace(tmp[kind], paths[kind])
 
 
 def load_checkpoint(directory: Path, name: str
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The state and record saved under `name`, None if there is none; CheckpointError if bad."""
-    meta_path, weights = directory / f"{name}.json", directory / f"{name}.safetensors"
-    if not meta_path.exists():
+    """The newest intact checkpoint saved under `name`, None if there is none.
+
+    A record is intact when one of the weights files (`name.safetensors`, `name.prev.
+    safetensors`) has the SHA-256 it names. When the latest checkpoint is truncated or altered,
+    a warning names the bad file and the previous good one is used; CheckpointError when none
+    is intact.
+    """
+    records, corrupt = [], []
+    for meta_path in (directory / f"{name}.json", directory / f"{name}.prev.json"):
+        if meta_path.exists():
+            try:
+                records.append((meta_path, json.loads(meta_path.read_text())))
+            except json.JSONDecodeError:
+                log.warning("checkpoint record %s is corrupt: ignored", meta_path)
+                corrupt.append(meta_path)
+    if not records:
+        if corrupt:
+            raise CheckpointError(f"checkpoint record {corrupt[0]} is corrupt")
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint record {meta_path} is corrupt: {exc}") from None
-    if not weights.exists():
-        raise CheckpointError(f"checkpoint weights {weights} are missing")
-    if _sha256(weights) != meta.get("sha256"):
-        raise CheckpointError(f"checkpoint weights {weights} do not match their recorded "
-                              "SHA-256 (truncated or altered)")
-    return load_file(str(weights)), meta
+    hashes = {p: _sha256(p) for p in (directory / f"{name}.safetensors",
+                                      directory / f"{name}.prev.safetensors") if p.exists()}
+    records.sort(key=lambda r: -r[1].get("round", 0))
+    for meta_path, meta in records:
+        match = [p for p, h in hashes.items() if h == meta.get("sha256")]
+        if match:
+            if meta_path.name != f"{name}.json" or match[0].name != f"{name}.safetensors":
+                log.warning("checkpoint %s is missing, truncated or altered: resuming from "
+                            "%s (round %s)", directory / f"{name}.safetensors", match[0],
+                            meta.get("round"))
+            return load_file(str(match[0])), meta
+    raise CheckpointError(f"no intact checkpoint for {name!r}: "
+                          f"{directory / (name + '.safetensors')} is missing or does not match "
+                          f"the SHA-256 in {records[0][0]} (truncated or altered)")
 
 
 def load_model_checkpoint(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor], dict]:

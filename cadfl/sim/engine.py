@@ -237,7 +237,16 @@ def read_metrics(path: Path) -> list[dict]:
     """All lines of a metrics.jsonl file."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+            # A process killed while appending leaves half a last line; its round is redone.
+    return out
 
 
 def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = False,
