@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from cadfl.fl.aggregate import Contribution, Robustness, aggregate
 from cadfl.fl.payload import Payload, TrainConfig, Update
 from cadfl.fl.validate import rejection
 from cadfl.models import build_model, get_model
@@ -97,3 +100,64 @@ def test_a_round_with_too_few_valid_updates_keeps_the_global_state(tmp_path: Pat
     state, _ = load_checkpoint(tmp_path / "checkpoints", "fedavg")
     for key, value in exp.strategy("fedavg").initial_state(exp.init).items():
         assert torch.equal(state[key], value), key
+
+
+MUTATIONS = ["drop_key", "extra_key", "shape", "dtype", "nan", "inf", "samples_low",
+             "samples_high", "counts_len", "counts_negative", "counts_sum", "foreign_class"]
+
+
+def _mutate(update: Update, kind: str, data) -> None:
+    keys = sorted(update.state)
+    key = data.draw(st.sampled_from([k for k in keys if update.state[k].is_floating_point()]))
+    if kind == "drop_key":
+        update.state.pop(data.draw(st.sampled_from(keys)))
+    elif kind == "extra_key":
+        update.state[data.draw(st.text(min_size=1, max_size=8)) + "!"] = torch.zeros(2)
+    elif kind == "shape":
+        update.state[key] = torch.zeros(update.state[key].numel() + data.draw(st.integers(1, 5)))
+    elif kind == "dtype":
+        update.state[key] = update.state[key].double()
+    elif kind in ("nan", "inf"):
+        t = update.state[key].clone().flatten()
+        t[data.draw(st.integers(0, t.numel() - 1))] = float(kind)
+        update.state[key] = t.view_as(update.state[key])
+    elif kind == "samples_low":
+        update.num_samples = data.draw(st.integers(-10**6, 0))
+    elif kind == "samples_high":
+        update.num_samples = data.draw(st.integers(13, 10**9))
+    elif kind == "counts_len":
+        update.class_counts = update.class_counts + [0] * data.draw(st.integers(1, 3))
+    elif kind == "counts_negative":
+        update.class_counts = [-1] + update.class_counts[1:]
+    elif kind == "counts_sum":
+        update.class_counts = [c + 1 if c else 0 for c in update.class_counts]
+    elif kind == "foreign_class":
+        update.class_counts = update.class_counts[:-1] + [update.class_counts[0]]
+        update.class_counts[0] = 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(MUTATIONS), max_size=3), st.data())
+def test_fuzzed_updates_are_rejected_and_never_reach_the_global_state(mutations, data):
+    spec = get_model("digits_cnn", 3)
+    spec = spec.replace_layers(list(spec.layers), (0, 1, 2))  # a 3-class sub-model
+    payloads, updates = [], []
+    for d in range(3):
+        state = build_model(spec).state_dict() if d == 0 else payloads[0].state
+        payload = Payload(spec, state)
+        update = Update({k: v.clone() for k, v in state.items()}, 12, [4, 4, 4] + [0] * 7)
+        update.state = {k: v + 0.01 * d if v.is_floating_point() else v
+                        for k, v in update.state.items()}
+        if d == 1:  # one device misbehaves in up to three ways
+            for kind in mutations:
+                _mutate(update, kind, data)
+        payloads.append(payload)
+        updates.append(update)
+    reasons = [rejection(p, u, 10, 12) for p, u in zip(payloads, updates, strict=True)]
+    assert reasons[0] is None and reasons[2] is None
+    assert (reasons[1] is None) == (not mutations), (mutations, reasons[1])
+    valid = [Contribution(u.state, u.num_samples) for u, r in zip(updates, reasons, strict=True)
+             if r is None]
+    for rule in ("mean", "median", "trimmed_mean"):
+        state = aggregate(payloads[0].state, valid, Robustness(rule))
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
