@@ -135,3 +135,18 @@ def test_every_crash_point_of_a_save_leaves_an_intact_checkpoint(tmp_path, monke
         monkeypatch.setattr(ck.os, "replace", real)
         _, record = load_checkpoint(d, "ck")
         assert record["round"] in (1, 2)
+
+
+def test_a_pickle_in_place_of_the_weights_is_refused_not_unpickled(tmp_path):
+    import hashlib
+    import json
+    import pickle
+
+    save_checkpoint(tmp_path, "ck", sample_state(), {"round": 1})
+    payload = pickle.dumps({"conv1.weight": [1.0]})
+    (tmp_path / "ck.safetensors").write_bytes(payload)
+    meta = json.loads((tmp_path / "ck.json").read_text())
+    meta["sha256"] = hashlib.sha256(payload).hexdigest()  # even with a matching hash
+    (tmp_path / "ck.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_checkpoint(tmp_path, "ck")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..models import ModelSpec, build_model
@@ -96,7 +97,10 @@ def load_checkpoint(directory: Path, name: str
                 log.warning("checkpoint %s is missing, truncated or altered: resuming from "
                             "%s (round %s)", directory / f"{name}.safetensors", match[0],
                             meta.get("round"))
-            return load_file(str(match[0])), meta
+            try:
+                return load_file(str(match[0])), meta
+            except SafetensorError as exc:  # e.g. a pickle renamed .safetensors: never unpickled
+                raise CheckpointError(f"{match[0]} is not a safetensors file: {exc}") from None
     raise CheckpointError(f"no intact checkpoint for {name!r}: "
                           f"{directory / (name + '.safetensors')} is missing or does not match "
                           f"the SHA-256 in {records[0][0]} (truncated or altered)")
