@@ -61,7 +61,7 @@ def permute_dense(dec: Decoupling, state: State, perms: dict[str, torch.Tensor])
     `perms` maps a dense conv/linear layer name to a permutation of its output filters.
     """
     spec = dec.spec  # same layer names and kinds as the dense spec
-    dense_shapes = _dense_shapes(dec, state)
+    shapes = spec.shapes()  # spatial sizes are those of the dense model
     out = dict(state)
     for name, perm in perms.items():
         i = spec.names.index(name)
@@ -71,34 +71,11 @@ def permute_dense(dec: Decoupling, state: State, perms: dict[str, torch.Tensor])
             if j == i or spec.layers[j].kind == "bn":
                 for key in _param_keys(out, spec.names[j]):
                     out[key] = out[key].index_select(0, perm)
-        nxt, spatial = _next_param_layer(dec, i, dense_shapes)
+        nxt, spatial = _next_param_layer(dec, i, shapes)
         cols = (perm.unsqueeze(1) * spatial + torch.arange(spatial)).flatten()
         wkey = f"{spec.names[nxt]}.weight"
         out[wkey] = out[wkey].index_select(1, cols)
     return out
-
-
-def _dense_shapes(dec: Decoupling, state: State) -> list[tuple[int, ...]]:
-    """Output shapes of the dense model's layers, from its state (widths differ from `dec`)."""
-    shape: tuple[int, ...] = dec.spec.input_shape
-    shapes = []
-    for name, layer in zip(dec.spec.names, dec.spec.layers, strict=True):
-        if layer.kind in ("conv", "linear"):
-            channels = state[f"{name}.weight"].shape[0]
-        if layer.kind == "conv":
-            h = (shape[1] + 2 * layer.padding - layer.kernel) // layer.stride + 1
-            w = (shape[2] + 2 * layer.padding - layer.kernel) // layer.stride + 1
-            shape = (channels, h, w)
-        elif layer.kind == "maxpool":
-            h = (shape[1] + 2 * layer.padding - layer.kernel) // layer.stride + 1
-            w = (shape[2] + 2 * layer.padding - layer.kernel) // layer.stride + 1
-            shape = (shape[0], h, w)
-        elif layer.kind == "flatten":
-            shape = (shape[0] * shape[1] * shape[2],)
-        elif layer.kind == "linear":
-            shape = (channels,)
-        shapes.append(shape)
-    return shapes
 
 
 def _next_param_layer(dec: Decoupling, i: int, shapes: list[tuple[int, ...]]) -> tuple[int, int]:

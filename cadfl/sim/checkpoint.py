@@ -116,37 +116,11 @@ def load_model_checkpoint(path: str | Path) -> tuple[ModelSpec, dict[str, torch.
     if loaded is None:
         raise CheckpointError(f"{path.with_suffix('.json')} is missing: not a cadfl checkpoint")
     state, record = loaded
-    if record.get("spec"):
-        spec = ModelSpec.from_dict(record["spec"])
-    elif "spec" not in record:
-        spec = _spec_from_run_config(path, state, record)
-    else:
+    if not record.get("spec"):
         raise CheckpointError(f"{path} holds no single model (algorithm "
                               f"{record.get('algorithm')!r} has no global model)")
+    spec = ModelSpec.from_dict(record["spec"])
     with torch.device("meta"):
         keys = build_model(spec).state_dict().keys()
     return spec, {k: state[k] for k in keys}, record
 
-
-DENSE = ("fedavg", "fedprox", "central")
-
-
-def _spec_from_run_config(path: Path, state: dict[str, torch.Tensor], record: dict
-                          ) -> ModelSpec:
-    """The dense model of a checkpoint written before records carried their spec, from the
-    run directory's config.toml."""
-    from ..cad.decouple import decouple
-    from ..models.zoo import DEFAULT_INPUT, get_model
-    from .config import load_config
-
-    config = path.parent.parent / "config.toml"
-    if not config.exists() or record.get("algorithm") not in DENSE + ("cad", "fed2"):
-        raise CheckpointError(f"{path}: its record names no model spec; re-run to get one")
-    cfg = load_config(config)
-    fcs = [k for k in state if k.startswith("fc") and k.endswith(".weight")]
-    logits = state[max(fcs, key=lambda k: int(k[2:].split(".")[0]))].shape[0]
-    record["dataset"] = cfg.dataset
-    spec = get_model(cfg.model, logits, DEFAULT_INPUT[cfg.model], cfg.batch_norm)
-    if record["algorithm"] in DENSE:
-        return spec
-    return decouple(spec, logits, int(cfg.cad.depth)).spec
