@@ -123,6 +123,7 @@ def test_sample_int_is_a_device_count_and_float_a_fraction():
     ("train.lr=nan", ["train.lr", "nan"]),
     ("train.momentum=1.5", ["train.momentum", "[0, 1]"]),
     ("data_fraction=0", ["data_fraction", "(0, 1]"]),
+    ("test_fraction=1.5", ["test_fraction", "(0, 1]"]),
     ("rounds=abc", ["rounds", "int", "abc"]),
     ("rounds=2.5", ["rounds", "int", "2.5"]),
     ("batch_norm=yes", ["batch_norm", "bool"]),

@@ -51,6 +51,15 @@ def assert_same_checkpoints(a: Path, b: Path, names: list[str]) -> None:
             assert torch.equal(state_a[key], state_b[key]), f"{name}: {key}"
 
 
+def test_test_fraction_evaluates_that_share_of_every_class(digits):
+    exp = Experiment.setup(small("test_fraction=0.25"), digits)
+    counts = torch.bincount(exp.dataset.test_y, minlength=10)
+    expected = torch.bincount(digits.test_y, minlength=10).mul(0.25).ceil().long()
+    assert torch.equal(counts, expected)
+    assert len(digits.test_y) > len(exp.dataset.test_y)  # the fixture itself is untouched
+    assert torch.equal(exp.dataset.train_y, digits.train_y)
+
+
 def own_class_accuracy(spec, weights, ds, classes) -> float:
     """A device's accuracy on the test images of its classes, argmax over its classes only."""
     mask = torch.isin(ds.test_y, torch.tensor(classes))

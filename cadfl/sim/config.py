@@ -92,7 +92,8 @@ class Config:
 
     `sample` is a fraction of devices per round when a float in (0, 1], a number of devices
     when an integer. `data_fraction` keeps that share of every class's training images (for
-    quick CPU-scale runs). `bn` is "average" or "keep_local" (batch-norm statistics).
+    quick CPU-scale runs); `test_fraction` likewise of the test images (cheaper evaluation,
+    same share of every class). `bn` is "average" or "keep_local" (batch-norm statistics).
     A round with fewer than `min_devices` valid updates keeps the previous global state.
     """
 
@@ -110,6 +111,7 @@ class Config:
     eval_every: int = 1
     target_acc: float = 0.8
     data_fraction: float = 1.0
+    test_fraction: float = 1.0
     bn: str = "average"
     min_devices: int = 1
     train: TrainSection = field(default_factory=TrainSection)
@@ -211,6 +213,7 @@ def validate(cfg: Config) -> Config:
     _range("partition.alpha", cfg.partition.alpha, 0, low_open=True)
     _range("target_acc", cfg.target_acc, 0, 1)
     _range("data_fraction", cfg.data_fraction, 0, 1, low_open=True)
+    _range("test_fraction", cfg.test_fraction, 0, 1, low_open=True)
     if cfg.sample < 1 if isinstance(cfg.sample, int) else not 0 < cfg.sample <= 1:
         raise ConfigError(f"sample: {cfg.sample!r} is out of range, allowed a fraction of "
                           "devices in (0, 1] or a whole number of devices >= 1")

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +89,9 @@ class Experiment:
     def setup(cls, cfg: Config, dataset: Dataset | None = None) -> Experiment:
         """Load the data, split it, and draw the initial weights from `cfg.seed`."""
         ds = dataset or load_dataset(cfg.dataset, cfg.data_dir or None)
+        if cfg.test_fraction < 1:
+            test = subsample(ds.test_y, cfg.test_fraction, cfg.seed)
+            ds = replace(ds, test_x=ds.test_x[test], test_y=ds.test_y[test])
         kept = subsample(ds.train_y, cfg.data_fraction, cfg.seed)
         part = make_partition(ds.train_y[kept], cfg.partition.scheme, cfg.devices, cfg.seed,
                               k=cfg.partition.k, alpha=cfg.partition.alpha)
