@@ -23,7 +23,8 @@ from cadfl.sim.config import Config, load_config
 from cadfl.sim.engine import Experiment, run_experiment, sample_devices
 
 KEYS = ["round", "algorithm", "global_acc", "context_acc", "test_loss", "train_loss",
-        "bytes_down", "bytes_up", "device_train_flops", "wall_s", "rejected"]
+        "bytes_down", "bytes_up", "device_train_flops", "wall_s", "rejected",
+        "class_acc", "others_reject", "others_in_acc"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

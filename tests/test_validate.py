@@ -130,7 +130,8 @@ def _mutate(update: Update, kind: str, data) -> None:
     elif kind == "counts_negative":
         update.class_counts = [-1] + update.class_counts[1:]
     elif kind == "counts_sum":
-        update.class_counts = [c + 1 if c else 0 for c in update.class_counts]
+        # Every count grows, so no other mutation can bring the sum back to num_samples.
+        update.class_counts = [c + 1 for c in update.class_counts]
     elif kind == "foreign_class":
         update.class_counts = update.class_counts[:-1] + [update.class_counts[0]]
         update.class_counts[0] = 0

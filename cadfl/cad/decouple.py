@@ -21,6 +21,7 @@ class Decoupling:
 
     `first` is the index (in `spec.layers`) of the first decoupled layer; `widths` maps each
     decoupled conv/linear layer name to (filters per class, spare filters) in the dense model.
+    Group i of every decoupled layer is the path of class `spec.class_ids[i]`.
     """
 
     spec: ModelSpec
@@ -33,6 +34,14 @@ class Decoupling:
         """Whether a state key belongs to a decoupled layer (its rows are class paths)."""
         name = key.split(".", 1)[0]
         return name in self.spec.names and self.spec.names.index(name) >= self.first
+
+    def group_of(self, cls: int) -> int:
+        """Position of class `cls`'s path among the groups (SpecError if it has none)."""
+        try:
+            return self.spec.class_ids.index(cls)
+        except ValueError:
+            raise SpecError(f"class {cls} has no path; the model's classes are "
+                            f"{list(self.spec.class_ids)}") from None
 
     def group_size(self, key: str) -> int:
         """Rows per class of a decoupled state tensor."""
@@ -58,7 +67,8 @@ def first_decoupled(spec: ModelSpec, depth: int) -> int:
 
 
 def decouple(spec: ModelSpec, num_classes: int, depth: int) -> Decoupling:
-    """The decoupled spec of a dense `spec` for `num_classes` class paths from `depth` on."""
+    """The decoupled spec of a dense `spec` for `num_classes` class paths from `depth` on
+    (path i belongs to the class of logit i)."""
     k = num_classes
     if spec.num_classes != k:
         raise SpecError(f"{spec.name} has {spec.num_classes} logits but {k} classes were given")
@@ -87,5 +97,5 @@ def decouple(spec: ModelSpec, num_classes: int, depth: int) -> Decoupling:
             h, w = shapes[i - 1][1:]
             spatial = h * w
         layers.append(layer)
-    dec = spec.replace_layers(layers, tuple(range(k)))
+    dec = spec.replace_layers(layers, spec.class_ids)
     return Decoupling(dec, k, depth, start, widths)

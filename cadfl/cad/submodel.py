@@ -20,15 +20,16 @@ State = dict[str, torch.Tensor]
 
 def _check_classes(dec: Decoupling, classes: Sequence[int]) -> tuple[int, ...]:
     s = tuple(int(c) for c in classes)
-    if not s or len(set(s)) != len(s) or min(s) < 0 or max(s) >= dec.num_classes:
-        raise SpecError(f"class set {list(classes)} must be distinct class ids in "
-                        f"0..{dec.num_classes - 1}")
+    if not s or len(set(s)) != len(s) or not set(s) <= set(dec.spec.class_ids):
+        raise SpecError(f"class set {list(classes)} must be distinct class ids among the "
+                        f"model's {list(dec.spec.class_ids)}")
     return s
 
 
-def submodel_spec(dec: Decoupling, classes: Sequence[int]) -> ModelSpec:
-    """The spec of the sub-model holding the paths of `classes` (logits in that order)."""
-    s = _check_classes(dec, classes)
+def paths_spec(dec: Decoupling, classes: Sequence[int]) -> ModelSpec:
+    """The decoupled spec with one path per class of `classes` (any ids, logits in that order):
+    fewer paths for a sub-model, more for a model that gains classes."""
+    s = tuple(int(c) for c in classes)
     layers = list(dec.spec.layers)
     for i in range(dec.first, len(layers)):
         layer = layers[i]
@@ -42,10 +43,15 @@ def submodel_spec(dec: Decoupling, classes: Sequence[int]) -> ModelSpec:
     return dec.spec.replace_layers(layers, s)
 
 
+def submodel_spec(dec: Decoupling, classes: Sequence[int]) -> ModelSpec:
+    """The spec of the sub-model holding the paths of `classes` (logits in that order)."""
+    return paths_spec(dec, _check_classes(dec, classes))
+
+
 def class_rows(dec: Decoupling, key: str, classes: Sequence[int]) -> torch.Tensor:
     """Global rows of state tensor `key` that belong to the paths of `classes`, in order."""
     g = dec.group_size(key)
-    return torch.cat([torch.arange(c * g, (c + 1) * g) for c in classes])
+    return torch.cat([torch.arange(i * g, (i + 1) * g) for i in map(dec.group_of, classes)])
 
 
 def sliced_keys(dec: Decoupling, state: State) -> list[str]:

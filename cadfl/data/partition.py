@@ -302,3 +302,31 @@ def make_partition(labels: np.ndarray | torch.Tensor, scheme: str, num_devices: 
             raise PartitionError("scheme 'dirichlet' needs alpha (Dirichlet concentration > 0)")
         return partition_dirichlet(labels, num_devices, alpha, seed)
     raise PartitionError(f"unknown partition scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
+
+
+def share_classes(part: Partition, labels: np.ndarray | torch.Tensor,
+                  extra: dict[int, set[int]], seed: int) -> Partition:
+    """`part` where device d also holds images of every class in `extra[d]`.
+
+    For each class c that some device gains, the images of c are pooled from its holders and
+    dealt again, in equal shares (within 1), to the holders and the devices gaining it, so the
+    index sets stay disjoint and cover the same images. `params["shared"]` records the gains.
+    """
+    y = _as_labels(labels)
+    parts = [np.asarray(i, dtype=np.int64) for i in part.indices]
+    rng = np.random.default_rng([seed, 1])
+    for c in sorted(set().union(*extra.values()) if extra else ()):
+        gaining = [d for d in sorted(extra) if c in extra[d] and not part.class_counts[d][c]]
+        if not gaining:
+            continue
+        holders = [d for d in range(part.num_devices) if part.class_counts[d][c]]
+        pool = np.concatenate([parts[d][y[parts[d]] == c] for d in holders] or [[]]).astype(int)
+        takers = holders + gaining
+        if len(pool) < len(takers):
+            raise PartitionError(f"class {c} has {len(pool)} training images, too few to give "
+                                 f"one to each of devices {takers}")
+        shares = np.array_split(rng.permutation(pool), len(takers))
+        for d, share in zip(takers, shares, strict=True):
+            parts[d] = np.concatenate([parts[d][y[parts[d]] != c], share])
+    params = {**part.params, "shared": {str(d): sorted(extra[d]) for d in sorted(extra)}}
+    return _build(part.scheme, part.seed, y, params, parts)

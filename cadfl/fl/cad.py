@@ -11,6 +11,11 @@ initialisation, no data needed) or by `activation` (the paper's decoupling): the
 trained first (`warmup_rounds` of FedAvg, or weights given), devices report per-class
 activation sums, and the cloud assigns, permutes and decouples (`cadfl.cad.assign`).
 
+With `others` (a class id), the model has one more path and logit, "Others", that every
+device holds: it is trained on the device's out-of-context images (labelled with that id) and,
+like the trunk, averaged over every device that has such images. It needs no data of other
+devices. A class registered later (`add_classes`, New Class) gets a path of its own.
+
 Fed2 (Yu et al., KDD 2021) is the ablation "same grouped model, same path-paired averaging, but
 every device trains the whole model": the sub-model of all classes.
 """
@@ -31,8 +36,9 @@ from ..cad.assign import (
     to_decoupled,
 )
 from ..cad.decouple import Decoupling, conv_indices, decouple
+from ..cad.grow import grow_dense, grow_paths, grow_state
 from ..cad.submodel import extract, index_map, row_classes
-from ..models import ModelSpec, SpecError, build_model
+from ..models import ModelSpec, SpecError, build_model, with_classes
 from .aggregate import MEAN, Contribution, Robustness, aggregate
 from .fedavg import FedAvg
 from .payload import DeviceInfo, Payload, State, TrainConfig, Update
@@ -67,11 +73,14 @@ class CAD(Strategy):
                  bn: str = "average", robust: Robustness = MEAN,
                  depth: int | str = 1, assign: str = "prior",
                  warmup_rounds: int = 0, pretrained: State | None = None,
-                 selectivity_threshold: float = 0.3) -> None:
+                 selectivity_threshold: float = 0.3, others: int | None = None) -> None:
         if assign not in ASSIGN_MODES:
             raise ValueError(f"assign must be one of {ASSIGN_MODES}, got {assign!r}")
         if depth == "auto" and assign != "activation":
             raise ValueError("depth='auto' needs assign='activation' (a trained model to measure)")
+        self.others, self.plain_spec = others, spec
+        if others is not None:
+            spec = with_classes(spec, (others,))
         super().__init__(spec, train, devices, bn=bn, robust=robust)
         self.dense_spec, self.assign = spec, assign
         self.warmup_rounds, self.pretrained = warmup_rounds, pretrained
@@ -117,7 +126,10 @@ class CAD(Strategy):
         """Prior: the dense model's trunk, and class paths initialised with their own fan-in
         from the run's seed. Activation: the dense model (pretrained weights if given)."""
         if self.assign == "activation":
-            return dict(self.pretrained if self.pretrained is not None else weights)
+            dense = dict(self.pretrained if self.pretrained is not None else weights)
+            if self.others is not None:
+                dense = grow_dense(self.plain_spec, dense, (self.others,), self.train.seed)[1]
+            return dense
         with torch.random.fork_rng():
             torch.manual_seed(self.train.seed)
             state = {k: v.clone() for k, v in build_model(self.spec).state_dict().items()}
@@ -127,8 +139,28 @@ class CAD(Strategy):
         return {**state, **spare_pool(self.decoupling, weights)}
 
     def device_classes(self, device: int) -> tuple[int, ...]:
-        """The classes whose paths a device receives: its own context."""
-        return self.devices[device].classes
+        """The classes whose paths a device receives: its own context (and Others)."""
+        own = self.devices[device].classes
+        return own if self.others is None else (*own, self.others)
+
+    def add_classes(self, state: State, classes: Sequence[int], seed: int) -> State:
+        """New Class: each class the model lacks gets a path in every decoupled layer and a
+        logit (`cadfl.cad.grow`); existing paths and outputs are unchanged. A state that
+        already holds the new paths (a resumed run) is kept as it is."""
+        new = [c for c in classes if c not in self.dense_spec.class_ids]
+        if not new:
+            return state
+        if self.decoupling is None or _matches(state, _shapes(self.dense_spec)):
+            raise ValueError(f"classes {new} appear while CAD still trains the dense model "
+                             "(warm-up): let them appear after the decoupling round")
+        for i, c in enumerate(new):
+            grown = grow_paths(self.decoupling, c)
+            shapes = _shapes(grown.spec)
+            if not _matches(state, shapes):
+                state = grow_state(self.decoupling, grown, state, seed + i)
+            self.decoupling, self.spec, self._shapes = grown, grown.spec, shapes
+        self.dense_spec = with_classes(self.dense_spec, tuple(new))
+        return state
 
     def configure_query(self, rnd: int, state: State, device_ids: Sequence[int]
                         ) -> dict[int, Payload]:
@@ -145,7 +177,9 @@ class CAD(Strategy):
                      for d in sorted(replies))
         sums = {name: sum(replies[d].state[name] for d in sorted(replies))
                 for name in replies[min(replies)].state}
-        means = class_means(sums, counts)
+        # Rows in path order: the statistics are indexed by global class id.
+        ids = list(self.dense_spec.class_ids)
+        means = {n: m[ids] for n, m in class_means(sums, counts).items()}
         chosen = None
         if self.decoupling is None:
             convs = [self.dense_spec.names[i] for i in conv_indices(self.dense_spec)]
@@ -212,4 +246,4 @@ class Fed2(CAD):
     def device_classes(self, device: int) -> tuple[int, ...]:
         """Every class: devices train the full grouped model (paths of absent classes get
         weight zero in the average)."""
-        return tuple(range(self.decoupling.num_classes))
+        return self.decoupling.spec.class_ids

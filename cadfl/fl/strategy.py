@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import ClassVar
 
+from ..cad.grow import grow_dense
 from ..models import ModelSpec
 from .aggregate import MEAN, Robustness, is_bn_stat
 from .payload import DeviceInfo, Payload, State, TrainConfig, Update
@@ -57,6 +58,16 @@ class Strategy(ABC):
     def global_model(self, state: State) -> tuple[ModelSpec, State] | None:
         """The cloud's model, scored on the whole test set (None if there is none)."""
         return self.spec, {k: v for k, v in state.items() if not k.startswith(LOCAL_PREFIX)}
+
+    def add_classes(self, state: State, classes: Sequence[int], seed: int) -> State:
+        """Register classes the model does not have yet (New Class): each gets a logit, drawn
+        from `seed`, and every existing output stays as it was. Classes the model already has
+        are skipped, and a state that already holds the new rows (a resumed run) is kept."""
+        new = tuple(c for c in classes if c not in self.spec.class_ids)
+        if not new:
+            return state
+        self.spec, state = grow_dense(self.spec, state, new, seed)
+        return state
 
     def device_model_is_global(self) -> bool:
         """Whether each device's model is the global model restricted to its classes."""

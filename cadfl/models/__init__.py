@@ -8,8 +8,10 @@ from .spec import (
     build_loaded,
     build_model,
     count_params,
+    with_classes,
 )
 from .zoo import MODELS, get_model
 
 __all__ = ["GroupedLinear", "Layer", "MODELS", "ModelSpec", "SpecError", "build_loaded",
-           "build_model", "count_params", "get_model"]
+           "build_model", "count_params", "get_model",
+           "with_classes"]

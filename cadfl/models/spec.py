@@ -145,6 +145,19 @@ class ModelSpec:
         return replace(self, layers=tuple(layers), classes=classes)
 
 
+def with_classes(spec: ModelSpec, new: tuple[int, ...]) -> ModelSpec:
+    """`spec` with one more logit for each class id in `new` (appended, in that order)."""
+    if set(new) & set(spec.class_ids) or len(set(new)) != len(new):
+        raise SpecError(f"classes {list(new)} must be new and distinct; the model has "
+                        f"{list(spec.class_ids)}")
+    last = spec.layers[-1]
+    if last.groups is not None:
+        raise SpecError("with_classes widens a dense classifier; a decoupled model grows class "
+                        "paths instead (cadfl.cad.grow)")
+    layers = [*spec.layers[:-1], replace(last, out_ch=last.out_ch + len(new))]
+    return spec.replace_layers(layers, spec.class_ids + tuple(new))
+
+
 def layer_names(layers: tuple[Layer, ...] | list[Layer]) -> tuple[str, ...]:
     """Readable, stable names: conv1, bn1, relu1, pool1, ..., flatten, fc1, drop1, ..."""
     counts: dict[str, int] = {}

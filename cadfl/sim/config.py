@@ -34,6 +34,7 @@ class PartitionConfig:
     scheme: str = "classes"  # iid | classes | dirichlet
     k: int = 5  # classes per device (scheme "classes")
     alpha: float = 0.5  # Dirichlet concentration (scheme "dirichlet")
+    other_fraction: float = 0.0  # out-of-context images per device, as a share of its own
 
 
 @dataclass
@@ -82,8 +83,21 @@ class CadConfig:
     assign: str = "prior"  # prior: equal groups fixed at init; activation: the paper's way
     warmup_rounds: int = 0  # activation: rounds of dense FedAvg before decoupling
     checkpoint: str = ""  # activation: dense weights (.safetensors) to decouple instead
+    others: bool = False  # an "Others" path and logit: "none of my classes"
     selectivity_threshold: float = 0.3  # depth "auto": decouple from the first conv layer
     # whose class selectivity reaches this
+
+
+@dataclass
+class ContextChange:
+    """From `round` on, `devices` (empty: every device) gain the classes `add` and lose the
+    classes `remove`. A class added to a device counts as not yet seen there before that
+    round; a class no device has seen yet is new to the global model (New Class)."""
+
+    round: int = 1
+    devices: list[int] = field(default_factory=list)
+    add: list[int] = field(default_factory=list)
+    remove: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +108,7 @@ class Config:
     when an integer. `data_fraction` keeps that share of every class's training images (for
     quick CPU-scale runs); `test_fraction` likewise of the test images (cheaper evaluation,
     same share of every class). `bn` is "average" or "keep_local" (batch-norm statistics).
+    `context` lists changes of devices' class sets over the rounds (`ContextChange`).
     A round with fewer than `min_devices` valid updates keeps the previous global state.
     """
 
@@ -119,6 +134,7 @@ class Config:
     cad: CadConfig = field(default_factory=CadConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    context: list[ContextChange] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what is written to the run directory)."""
@@ -211,6 +227,16 @@ def validate(cfg: Config) -> Config:
     _range("seed", cfg.seed, 0)
     _range("partition.k", cfg.partition.k, 1)
     _range("partition.alpha", cfg.partition.alpha, 0, low_open=True)
+    _range("partition.other_fraction", cfg.partition.other_fraction, 0, 1)
+    for i, change in enumerate(cfg.context):
+        _range(f"context[{i}].round", change.round, 1, cfg.rounds)
+        for d in change.devices:
+            _range(f"context[{i}].devices", d, 0, cfg.devices - 1)
+        for c in (*change.add, *change.remove):
+            _range(f"context[{i}] class", c, 0)
+        both = sorted(set(change.add) & set(change.remove))
+        if both:
+            raise ConfigError(f"context[{i}]: classes {both} are both added and removed")
     _range("target_acc", cfg.target_acc, 0, 1)
     _range("data_fraction", cfg.data_fraction, 0, 1, low_open=True)
     _range("test_fraction", cfg.test_fraction, 0, 1, low_open=True)

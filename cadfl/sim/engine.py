@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,24 +24,29 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..data.datasets import Dataset, load_dataset
-from ..data.partition import Partition, make_partition
+from ..data.partition import Partition, make_partition, share_classes
 from ..fl import ALGORITHMS, Strategy
 from ..fl.aggregate import Robustness
 from ..fl.central import POOLED
-from ..fl.device import DeviceData, accuracy, predict, run_task
+from ..fl.device import DeviceData, accuracy, label_map, predict, run_task
 from ..fl.payload import DeviceInfo, Payload, State, TrainConfig, Update, state_bytes
+from ..fl.strategy import device_seed
 from ..fl.validate import rejection
 from ..models import ModelSpec, build_model, get_model
 from ..report.plots import plot_curves
 from ..report.summary import markdown_table, summarize
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
+from .context import Schedule, gains
 from .faults import with_faults
 
 log = logging.getLogger("cadfl")
 Executor = Callable[[dict[int, Payload]], dict[int, Update]]
+EVAL_KEYS = ("global_acc", "context_acc", "test_loss", "class_acc", "others_reject",
+             "others_in_acc")
 METRIC_KEYS = ("round", "algorithm", "global_acc", "context_acc", "test_loss", "train_loss",
-               "bytes_down", "bytes_up", "device_train_flops", "wall_s", "rejected")
+               "bytes_down", "bytes_up", "device_train_flops", "wall_s", "rejected",
+               "class_acc", "others_reject", "others_in_acc")
 
 
 def set_threads() -> int:
@@ -75,15 +80,25 @@ def sample_devices(seed: int, rnd: int, num_devices: int, count: int) -> list[in
 
 @dataclass
 class Experiment:
-    """Everything the algorithms of one run share: data, partition, model and initial weights."""
+    """Everything the algorithms of one run share: data, partition, model and initial weights.
+
+    `devices` and `device_data` are those of the round being run (`enter_round`): with a
+    context schedule, a device's classes, and so its data, change over the rounds. `other` is
+    the label of out-of-context images ("Others", one past the dataset's classes) when the
+    run uses them; `others[d]` are device d's out-of-context images (dataset indices).
+    """
 
     cfg: Config
     dataset: Dataset
     partition: Partition
     spec: ModelSpec
     init: State
-    devices: list[DeviceInfo]
-    device_data: dict[int, DeviceData]
+    schedule: Schedule
+    other: int | None = None
+    others: dict[int, torch.Tensor] = field(default_factory=dict)
+    devices: list[DeviceInfo] = field(default_factory=list)
+    device_data: dict[int, DeviceData] = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def setup(cls, cfg: Config, dataset: Dataset | None = None) -> Experiment:
@@ -95,24 +110,72 @@ class Experiment:
         kept = subsample(ds.train_y, cfg.data_fraction, cfg.seed)
         part = make_partition(ds.train_y[kept], cfg.partition.scheme, cfg.devices, cfg.seed,
                               k=cfg.partition.k, alpha=cfg.partition.alpha)
+        extra = gains(cfg.context, cfg.devices, ds.num_classes)
+        if extra:
+            part = share_classes(part, ds.train_y[kept], extra, cfg.seed)
         # Partition indices refer to the subsample; store them as indices into the dataset.
         part.indices = [kept[torch.tensor(ix, dtype=torch.long)].tolist()
                         for ix in part.indices]
+        schedule = Schedule([set(part.classes(d)) for d in range(part.num_devices)],
+                            cfg.context)
+        schedule.check()
         spec = get_model(cfg.model, ds.num_classes, ds.input_shape, cfg.batch_norm)
+        if cfg.context:  # the model starts with the classes of round 1 (New Class later)
+            first = schedule.model_classes(1)
+            spec = get_model(cfg.model, len(first), ds.input_shape, cfg.batch_norm)
+            spec = spec.replace_layers(list(spec.layers), first)
         torch.manual_seed(cfg.seed)
         init = {k: v.clone() for k, v in build_model(spec).state_dict().items()}
-        devices = [DeviceInfo(d, tuple(part.class_counts[d])) for d in range(part.num_devices)]
-        data = {d: cls.data_of(ds, torch.tensor(part.indices[d], dtype=torch.long))
-                for d in range(part.num_devices)}
-        data[POOLED] = cls.data_of(ds, torch.cat([torch.tensor(i, dtype=torch.long)
-                                                for i in part.indices]).sort().values)
-        return cls(cfg, ds, part, spec, init, devices, data)
+        other = ds.num_classes if cfg.cad.others or cfg.partition.other_fraction else None
+        others = {}
+        if cfg.partition.other_fraction:
+            y = ds.train_y[kept]
+            for d in range(part.num_devices):
+                pool = kept[~torch.isin(y, torch.tensor(sorted(schedule.held[d])))]
+                n = min(len(pool), round(cfg.partition.other_fraction * len(part.indices[d])))
+                pick = np.random.default_rng([cfg.seed, 2, d]).choice(len(pool), n, replace=False)
+                others[d] = pool[torch.from_numpy(np.sort(pick))]
+        exp = cls(cfg, ds, part, spec, init, schedule, other, others)
+        exp.enter_round(1)
+        return exp
+
+    @property
+    def label_space(self) -> int:
+        """Number of labels devices count samples over: the classes, plus Others if used."""
+        return self.dataset.num_classes + (self.other is not None)
+
+    def enter_round(self, rnd: int) -> None:
+        """Set `devices` and `device_data` to round `rnd`'s contexts."""
+        ds, part = self.dataset, self.partition
+        self.devices, self.device_data, pooled, contexts = [], {}, [], []
+        for d in range(part.num_devices):
+            ctx = self.schedule.context(d, rnd)
+            contexts.append(ctx)
+            counts = [n if c in ctx else 0 for c, n in enumerate(part.class_counts[d])]
+            self.devices.append(DeviceInfo(d, tuple(counts)))
+            idx = torch.tensor(part.indices[d], dtype=torch.long)
+            idx = idx[torch.isin(ds.train_y[idx], torch.tensor(ctx))]
+            pooled.append(idx)
+            key = (d, ctx)
+            if key not in self._cache:
+                self._cache[key] = self.data_of(ds, idx, self.others.get(d), self.other)
+            self.device_data[d] = self._cache[key]
+        key = (POOLED, tuple(contexts))
+        if key not in self._cache:
+            self._cache[key] = self.data_of(ds, torch.cat(pooled).sort().values)
+        self.device_data[POOLED] = self._cache[key]
 
     @staticmethod
-    def data_of(ds: Dataset, idx: torch.Tensor) -> DeviceData:
-        """The training samples `idx` of `ds` as one device's data."""
-        return DeviceData(ds.train_x[idx], ds.train_y[idx], ds.num_classes, ds.mean, ds.std,
-                          ds.crop_padding, ds.flip)
+    def data_of(ds: Dataset, idx: torch.Tensor, other_idx: torch.Tensor | None = None,
+                other: int | None = None) -> DeviceData:
+        """The training samples `idx` of `ds` as one device's data; with `other_idx`, those
+        images too, labelled `other` (out-of-context images)."""
+        x, y = ds.train_x[idx], ds.train_y[idx]
+        if other_idx is not None and len(other_idx):
+            x = torch.cat([x, ds.train_x[other_idx]])
+            y = torch.cat([y, torch.full((len(other_idx),), other, dtype=torch.long)])
+        space = ds.num_classes + (other is not None)
+        return DeviceData(x, y, space, ds.mean, ds.std, ds.crop_padding, ds.flip)
 
     def train_config(self) -> TrainConfig:
         """The base device training settings of this config."""
@@ -127,7 +190,8 @@ class Experiment:
         pretrained = load_pretrained(cfg.cad.checkpoint, self.init) if cfg.cad.checkpoint else None
         cad = {"depth": cfg.cad.depth, "assign": cfg.cad.assign,
                "warmup_rounds": cfg.cad.warmup_rounds, "pretrained": pretrained,
-               "selectivity_threshold": cfg.cad.selectivity_threshold}
+               "selectivity_threshold": cfg.cad.selectivity_threshold,
+               "others": self.other if cfg.cad.others else None}
         options = {"fedprox": {"mu": cfg.fedprox.mu}, "cad": cad, "fed2": cad}
         robust = Robustness(cfg.aggregation.rule, cfg.aggregation.trim, cfg.aggregation.clip)
         return ALGORITHMS[name](self.spec, self.train_config(), self.devices, bn=cfg.bn,
@@ -145,7 +209,7 @@ class Experiment:
         for d, p in sorted(payloads.items()):
             u = answers.get(d)
             reason = "no answer" if u is None else rejection(
-                p, u, self.dataset.num_classes, len(self.device_data[d].y))
+                p, u, self.label_space, len(self.device_data[d].y))
             if reason:
                 log.warning("round %d: update of device %d rejected: %s", rnd, d, reason)
                 rejected += 1
@@ -162,6 +226,10 @@ class Experiment:
         """
         cfg = self.cfg
         start = time.perf_counter()
+        self.enter_round(rnd)
+        strategy.devices = {d.id: d for d in self.devices}
+        state = strategy.add_classes(state, self.schedule.model_classes(rnd),
+                                     device_seed(cfg.seed, rnd, -2))
         ids = sample_devices(cfg.seed, rnd, cfg.devices, cfg.sampled_per_round())
         execute = with_faults(execute or self.run_here, cfg.faults, cfg.seed, rnd)
         queries = strategy.configure_query(rnd, state, [d.id for d in self.devices])
@@ -192,28 +260,74 @@ class Experiment:
         return state, stats
 
     def evaluate(self, strategy: Strategy, rnd: int, state: State) -> dict[str, float | None]:
-        """global_acc and test_loss of the cloud's model; context_acc over ALL devices."""
+        """Scores of round `rnd` (keys `EVAL_KEYS`).
+
+        Of the cloud's model: global_acc, class_acc (per class) and test_loss, the argmax over
+        its classes without Others (a class it does not know yet counts as wrong). Over ALL
+        devices: context_acc, each device's accuracy within its own classes; with an Others
+        output, others_reject (share of out-of-context test images a device answers "Others")
+        and others_in_acc (accuracy on its own classes with "Others" among the answers).
+        """
         ds = self.dataset
-        out: dict[str, float | None] = {"global_acc": None, "test_loss": None}
+        out: dict = dict.fromkeys(EVAL_KEYS)
         model = strategy.global_model(state)
         logits = None
         if model is not None:
             spec, weights = model
             logits = predict(spec, weights, ds.test_x, ds.mean, ds.std)
-            out["global_acc"] = accuracy(logits, ds.test_y, spec)
-            out["test_loss"] = F.cross_entropy(logits, ds.test_y).item()
-        ids = [d.id for d in self.devices]
+            out.update(global_scores(logits, ds.test_y, spec, self.other, ds.num_classes))
+        scores = []
         if logits is not None and strategy.device_model_is_global():
             # One pass of the global model scores every device: restrict the argmax per device.
-            accs = [accuracy(logits, ds.test_y, spec, d.classes) for d in self.devices]
+            scores = [context_scores(logits, ds.test_y, spec, d.classes, self.other)
+                      for d in self.devices]
         else:
-            accs = []
+            ids = [d.id for d in self.devices]
             for d, p in sorted(strategy.configure_evaluate(rnd, state, ids).items()):
-                mask = torch.isin(ds.test_y, torch.tensor(self.devices[d].classes))
+                classes = self.devices[d].classes
+                mask = torch.isin(ds.test_y, torch.tensor(classes))
+                if self.other in p.spec.class_ids:  # rejection needs the other images too
+                    mask[:] = True
                 lg = predict(p.spec, p.state, ds.test_x[mask], ds.mean, ds.std)
-                accs.append(accuracy(lg, ds.test_y[mask], p.spec, self.devices[d].classes))
-        out["context_acc"] = float(np.nanmean(accs))
+                scores.append(context_scores(lg, ds.test_y[mask], p.spec, classes, self.other))
+        acc, reject, inside = zip(*scores, strict=True)
+        out["context_acc"] = float(np.nanmean(acc))
+        if not all(math.isnan(r) for r in reject):
+            out["others_reject"] = float(np.nanmean(reject))
+            out["others_in_acc"] = float(np.nanmean(inside))
         return out
+
+
+def global_scores(logits: torch.Tensor, y: torch.Tensor, spec: ModelSpec, other: int | None,
+                  num_classes: int) -> dict:
+    """global_acc, class_acc and test_loss of a model's logits on labels `y` (Others left out
+    of the argmax; samples of classes the model lacks count as wrong, not in the loss)."""
+    ids = torch.tensor(spec.class_ids)
+    real = ids != (-1 if other is None else other)
+    pred = ids[real][logits[:, real].argmax(1)]
+    correct = (pred == y).float()
+    pos = label_map(spec, max(num_classes, int(ids.max()) + 1))
+    known = pos[y] >= 0
+    loss = F.cross_entropy(logits[known][:, real], pos[y[known]]).item() if known.any() else None
+    return {"global_acc": correct.mean().item(), "test_loss": loss,
+            "class_acc": [correct[y == c].mean().item() if (y == c).any() else None
+                          for c in range(num_classes)]}
+
+
+def context_scores(logits: torch.Tensor, y: torch.Tensor, spec: ModelSpec,
+                   classes: tuple[int, ...], other: int | None) -> tuple[float, float, float]:
+    """A device's (context accuracy, Others rejection rate, in-context accuracy with Others
+    competing) from its model's logits on labels `y`; the last two are nan without Others."""
+    acc = accuracy(logits, y, spec, classes)
+    if other not in spec.class_ids:
+        return acc, math.nan, math.nan
+    answers = (*classes, other)
+    pos = label_map(spec, max(*spec.class_ids, *answers) + 1)[torch.tensor(answers)]
+    pred = torch.tensor(answers)[logits[:, pos].argmax(1)]
+    inside = torch.isin(y, torch.tensor(classes))
+    reject = (pred[~inside] == other).float().mean().item() if (~inside).any() else math.nan
+    in_acc = (pred[inside] == y[inside]).float().mean().item() if inside.any() else math.nan
+    return acc, reject, in_acc
 
 
 def load_pretrained(path: str, like: State) -> State:
@@ -231,8 +345,7 @@ def load_pretrained(path: str, like: State) -> State:
 
 
 def _round_line(algorithm: str, rnd: int, stats: dict, evals: dict) -> dict:
-    line = {"round": rnd, "algorithm": algorithm, **stats,
-            **(evals or {"global_acc": None, "context_acc": None, "test_loss": None})}
+    line = {"round": rnd, "algorithm": algorithm, **stats, **(evals or dict.fromkeys(EVAL_KEYS))}
     return {k: line[k] for k in METRIC_KEYS}
 
 
@@ -292,7 +405,7 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
                 evals = exp.evaluate(strategy, rnd, state)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in evals.items()
-                                 if k.endswith("acc") and v is not None})
+                                 if k.endswith("acc") and isinstance(v, float)})
             line = _round_line(a, rnd, stats, evals)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
