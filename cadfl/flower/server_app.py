@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..fl.central import POOLED
 from ..fl.device import DeviceData, run_task
 from ..fl.payload import Payload, Update
-from ..sim.config import Config, load_config
+from ..sim.config import Config, load_config, require_static_contexts
 from ..sim.engine import run_experiment
 from .client_app import IDENTITY, PARTITION_ID
 from .codec import decode_update, encode_payload
@@ -114,6 +114,7 @@ def run_on_grid(grid: Grid, cfg: Config, out: Path, timeout: float = 600.0,
                 quiet: bool = True, on_round: Callable[[dict], None] | None = None,
                 resume: bool = False) -> list[dict]:
     """The whole experiment with its devices behind `grid`; writes the run directory."""
+    require_static_contexts(cfg, "Flower")
     execute = FlowerExecutor(grid, cfg, timeout)
     return run_experiment(cfg, out, resume=resume, quiet=quiet, execute=execute,
                           on_round=on_round)

@@ -273,6 +273,17 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def require_static_contexts(cfg: Config, engine: str) -> None:
+    """ConfigError if `cfg` uses context dynamics, which only cadfl's own engine runs so far
+    (a Flower node derives its data from the config once, not per round)."""
+    used = [name for name, on in (("context", cfg.context),
+                                  ("partition.other_fraction", cfg.partition.other_fraction),
+                                  ("cad.others", cfg.cad.others)) if on]
+    if used:
+        raise ConfigError(f"{', '.join(used)}: context dynamics run in cadfl's own engine only, "
+                          f"not on {engine} yet; drop them or run without --engine flower")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse one `--set key=value`: dotted key, TOML value (bare words are taken as strings)."""
     if "=" not in text:
