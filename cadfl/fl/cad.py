@@ -150,7 +150,8 @@ class CAD(Strategy):
         new = [c for c in classes if c not in self.dense_spec.class_ids]
         if not new:
             return state
-        if self.decoupling is None or _matches(state, _shapes(self.dense_spec)):
+        dense = _shapes(self.dense_spec)
+        if self.decoupling is None or (dense != self._shapes and _matches(state, dense)):
             raise ValueError(f"classes {new} appear while CAD still trains the dense model "
                              "(warm-up): let them appear after the decoupling round")
         for i, c in enumerate(new):

@@ -91,8 +91,10 @@ class CadConfig:
 @dataclass
 class ContextChange:
     """From `round` on, `devices` (empty: every device) gain the classes `add` and lose the
-    classes `remove`. A class added to a device counts as not yet seen there before that
-    round; a class no device has seen yet is new to the global model (New Class)."""
+    classes `remove`. A class whose first change on a device adds it counts as not yet seen
+    there before that round; a class no device has seen yet is new to the global model
+    (New Class). A device gaining a class it has no images of gets a share of that class's
+    images (`cadfl.data.partition.share_classes`)."""
 
     round: int = 1
     devices: list[int] = field(default_factory=list)

@@ -1,7 +1,7 @@
 """Context dynamics: which classes each device holds at each round, and which the model knows.
 
-A device's classes at round r start as the classes it has images of, less those that a
-`[[context]]` change adds to it later (not seen yet), and then follow the changes in round
+A device's classes at round r start as the classes it has images of, less those whose first
+`[[context]]` change on that device adds them (not seen yet), and then follow the changes in round
 order: `remove` drops classes, `add` brings them (back). The global model knows the classes of
 round 1's contexts; a class that first appears in a later context is registered then (New
 Class), after the ones known before, so the order of the model's classes is fixed by the
@@ -36,7 +36,13 @@ class Schedule:
     def context(self, device: int, rnd: int) -> tuple[int, ...]:
         """The classes device `device` trains on in round `rnd`, ascending."""
         mine = [ch for ch in self.changes if device in self.targets(ch)]
-        active = self.held[device] - {c for ch in mine for c in ch.add}
+        first: dict[int, str] = {}  # the first change of each class on this device
+        for ch in mine:
+            for c in ch.add:
+                first.setdefault(c, "add")
+            for c in ch.remove:
+                first.setdefault(c, "remove")
+        active = {c for c in self.held[device] if first.get(c) != "add"}
         for ch in mine:
             if ch.round <= rnd:
                 active = (active - set(ch.remove)) | (set(ch.add) & self.held[device])
