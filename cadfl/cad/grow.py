@@ -19,18 +19,13 @@ from dataclasses import replace
 
 import torch
 
-from ..models import ModelSpec, build_model, with_classes
+from ..models import ModelSpec, state_shapes, with_classes
 from .assign import SPARE_PREFIX
 from .decouple import Decoupling
 from .submodel import paths_spec
 
 State = dict[str, torch.Tensor]
 BN_FRESH = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
-
-
-def _shapes(spec: ModelSpec) -> dict[str, torch.Size]:
-    with torch.device("meta"):
-        return {k: v.shape for k, v in build_model(spec).state_dict().items()}
 
 
 def _fresh(shape: torch.Size, param: str, kind: str, logits: bool,
@@ -79,7 +74,7 @@ def grow_state(dec: Decoupling, grown: Decoupling, state: State, seed: int) -> S
     Spare filters used for the new path leave the pool (`spare/` keys of `state`).
     """
     gen = torch.Generator().manual_seed(seed)
-    shapes = _shapes(grown.spec)
+    shapes = state_shapes(grown.spec)
     out = dict(state)
     entry = grown.spec.names[grown.first]  # the first decoupled layer: reads the trunk
     g_entry = dec.spec.layer(entry).groups[0]

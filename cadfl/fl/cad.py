@@ -38,18 +38,13 @@ from ..cad.assign import (
 from ..cad.decouple import Decoupling, conv_indices, decouple
 from ..cad.grow import grow_dense, grow_paths, grow_state
 from ..cad.submodel import extract, index_map, row_classes
-from ..models import ModelSpec, SpecError, build_model, with_classes
+from ..models import ModelSpec, SpecError, build_model, state_shapes, with_classes
 from .aggregate import MEAN, Contribution, Robustness, aggregate
 from .fedavg import FedAvg
 from .payload import DeviceInfo, Payload, State, TrainConfig, Update
 from .strategy import LOCAL_PREFIX, Strategy
 
 ASSIGN_MODES = ("prior", "activation")
-
-
-def _shapes(spec: ModelSpec) -> dict[str, torch.Size]:
-    with torch.device("meta"):
-        return {k: v.shape for k, v in build_model(spec).state_dict().items()}
 
 
 def _matches(state: State, shapes: dict[str, torch.Size]) -> bool:
@@ -92,10 +87,10 @@ class CAD(Strategy):
             self._candidates = {}
             for d in range(len(conv_indices(spec)) + 1):
                 try:
-                    self._candidates[d] = _shapes(decouple(spec, spec.num_classes, d).spec)
+                    self._candidates[d] = state_shapes(decouple(spec, spec.num_classes, d).spec)
                 except SpecError:
                     break  # deeper decoupling only meets narrower layers
-            dense = _shapes(spec)
+            dense = state_shapes(spec)
             self._candidates = {d: s for d, s in self._candidates.items() if s != dense}
         else:
             self._set_depth(int(depth))
@@ -103,7 +98,7 @@ class CAD(Strategy):
     def _set_depth(self, depth: int) -> None:
         self.decoupling = decouple(self.dense_spec, self.dense_spec.num_classes, depth)
         self.spec = self.decoupling.spec
-        self._shapes = _shapes(self.spec)
+        self._shapes = state_shapes(self.spec)
 
     def is_decoupled(self, state: State) -> bool:
         """Whether `state` holds the decoupled model (not the dense one of the warm-up)."""
@@ -150,13 +145,13 @@ class CAD(Strategy):
         new = [c for c in classes if c not in self.dense_spec.class_ids]
         if not new:
             return state
-        dense = _shapes(self.dense_spec)
+        dense = state_shapes(self.dense_spec)
         if self.decoupling is None or (dense != self._shapes and _matches(state, dense)):
             raise ValueError(f"classes {new} appear while CAD still trains the dense model "
                              "(warm-up): let them appear after the decoupling round")
         for i, c in enumerate(new):
             grown = grow_paths(self.decoupling, c)
-            shapes = _shapes(grown.spec)
+            shapes = state_shapes(grown.spec)
             if not _matches(state, shapes):
                 state = grow_state(self.decoupling, grown, state, seed + i)
             self.decoupling, self.spec, self._shapes = grown, grown.spec, shapes

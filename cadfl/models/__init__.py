@@ -8,10 +8,11 @@ from .spec import (
     build_loaded,
     build_model,
     count_params,
+    state_shapes,
     with_classes,
 )
 from .zoo import MODELS, get_model
 
 __all__ = ["GroupedLinear", "Layer", "MODELS", "ModelSpec", "SpecError", "build_loaded",
            "build_model", "count_params", "get_model",
-           "with_classes"]
+           "state_shapes", "with_classes"]

@@ -348,6 +348,13 @@ def _flat_features(name: str, input_shape: tuple[int, int, int], layers: list[La
     return shape[0]
 
 
+def state_shapes(spec: ModelSpec) -> dict[str, torch.Size]:
+    """Shape of every state tensor of the built model (built on the meta device: no memory
+    used, the global RNG untouched)."""
+    with torch.device("meta"):
+        return {k: v.shape for k, v in build_model(spec).state_dict().items()}
+
+
 def count_params(spec: ModelSpec) -> int:
     """Number of trainable parameters of the built model (built on the meta device, so the
     global RNG and memory are untouched)."""

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..models import ModelSpec, build_model
+from ..models import ModelSpec, state_shapes
 
 log = logging.getLogger("cadfl")
 
@@ -120,7 +120,6 @@ def load_model_checkpoint(path: str | Path) -> tuple[ModelSpec, dict[str, torch.
         raise CheckpointError(f"{path} holds no single model (algorithm "
                               f"{record.get('algorithm')!r} has no global model)")
     spec = ModelSpec.from_dict(record["spec"])
-    with torch.device("meta"):
-        keys = build_model(spec).state_dict().keys()
+    keys = state_shapes(spec).keys()
     return spec, {k: state[k] for k in keys}, record
 
