@@ -65,6 +65,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "  cadfl run\n"
         "  cadfl run configs/cifar10-alexnet-5cls.toml --set data_fraction=0.2 --set rounds=30\n"
         "  cadfl run --set 'algorithms=[\"fedavg\",\"fedprox\"]' --set train.lr=0.02\n"
+        "  cadfl run --set cad.others=true --set partition.other_fraction=0.3\n"
+        "  cadfl run --set 'context=[{round=1, remove=[9]}, {round=10, devices=[0,1], add=[9]}]'"
+        "\n"
         "  cadfl run --resume runs/demo")
     p.add_argument("config", nargs="?", metavar="CONFIG", help="TOML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -221,3 +221,21 @@ def test_others_rejection_beats_chance_on_digits(tmp_path, digits):
     assert last["others_reject"] > 3 / 6
     assert last["others_in_acc"] > 0.8
     assert last["others_in_acc"] <= last["context_acc"]
+
+
+def test_every_algorithm_runs_with_context_changes_and_others(tmp_path, digits):
+    cfg = load_config(None, [
+        "devices=4", "rounds=3", "data_fraction=0.5", "cad.others=true",
+        "partition.other_fraction=0.2",
+        'algorithms=["cad", "fed2", "fedavg", "fedprox", "local", "central"]',
+        'context=[{round=1, remove=[9]}, {round=3, devices=[0], add=[9]}]'])
+    lines = run_experiment(cfg, tmp_path, quiet=True, dataset=digits)
+    assert all(m["rejected"] == 0 for m in lines)
+    last = {m["algorithm"]: m for m in lines if m["round"] == 3}
+    assert set(last) == set(cfg.algorithms)
+    for algo, m in last.items():
+        assert m["context_acc"] > 0.3, algo
+        has_others = algo in ("cad", "fed2")
+        assert (m["others_reject"] is not None) == has_others, algo
+        if algo != "local":  # local has no global model
+            assert len(m["class_acc"]) == 10 and m["global_acc"] > 0.2, algo

@@ -162,7 +162,7 @@ class Experiment:
             self.device_data[d] = self._cache[key]
         key = (POOLED, tuple(contexts))
         if key not in self._cache:
-            self._cache[key] = self.data_of(ds, torch.cat(pooled).sort().values)
+            self._cache[key] = self.data_of(ds, torch.cat(pooled).sort().values, None, self.other)
         self.device_data[POOLED] = self._cache[key]
 
     @staticmethod
@@ -304,11 +304,12 @@ def global_scores(logits: torch.Tensor, y: torch.Tensor, spec: ModelSpec, other:
     of the argmax; samples of classes the model lacks count as wrong, not in the loss)."""
     ids = torch.tensor(spec.class_ids)
     real = ids != (-1 if other is None else other)
-    pred = ids[real][logits[:, real].argmax(1)]
-    correct = (pred == y).float()
-    pos = label_map(spec, max(num_classes, int(ids.max()) + 1))
+    logits, ids = logits[:, real], ids[real]
+    correct = (ids[logits.argmax(1)] == y).float()
+    pos = torch.full((max(num_classes, int(ids.max()) + 1),), -1, dtype=torch.long)
+    pos[ids] = torch.arange(len(ids))  # class id -> column of `logits`
     known = pos[y] >= 0
-    loss = F.cross_entropy(logits[known][:, real], pos[y[known]]).item() if known.any() else None
+    loss = F.cross_entropy(logits[known], pos[y[known]]).item() if known.any() else None
     return {"global_acc": correct.mean().item(), "test_loss": loss,
             "class_acc": [correct[y == c].mean().item() if (y == c).any() else None
                           for c in range(num_classes)]}
