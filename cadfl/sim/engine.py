@@ -72,6 +72,21 @@ def subsample(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.sort(np.concatenate(keep)))
 
 
+def out_of_context(labels: torch.Tensor, kept: torch.Tensor, held: list[set[int]],
+                   sizes: list[int], fraction: float, seed: int) -> dict[int, torch.Tensor]:
+    """Each device's out-of-context images: `fraction` times its image count, drawn (seeded)
+    from the kept training images `kept` of classes it never holds."""
+    out = {}
+    for d, classes in enumerate(held):
+        if not fraction:
+            break
+        pool = kept[~torch.isin(labels[kept], torch.tensor(sorted(classes)))]
+        n = min(len(pool), round(fraction * sizes[d]))
+        pick = np.random.default_rng([seed, 2, d]).choice(len(pool), n, replace=False)
+        out[d] = pool[torch.from_numpy(np.sort(pick))]
+    return out
+
+
 def sample_devices(seed: int, rnd: int, num_devices: int, count: int) -> list[int]:
     """This round's participants: the same for every algorithm, independent of history."""
     rng = np.random.default_rng([seed, rnd])
@@ -119,22 +134,16 @@ class Experiment:
         schedule = Schedule([set(part.classes(d)) for d in range(part.num_devices)],
                             cfg.context)
         schedule.check()
-        spec = get_model(cfg.model, ds.num_classes, ds.input_shape, cfg.batch_norm)
-        if cfg.context:  # the model starts with the classes of round 1 (New Class later)
-            first = schedule.model_classes(1)
-            spec = get_model(cfg.model, len(first), ds.input_shape, cfg.batch_norm)
+        # With a schedule the model starts with the classes of round 1 (New Class later).
+        first = schedule.model_classes(1) if cfg.context else tuple(range(ds.num_classes))
+        spec = get_model(cfg.model, len(first), ds.input_shape, cfg.batch_norm)
+        if cfg.context:
             spec = spec.replace_layers(list(spec.layers), first)
         torch.manual_seed(cfg.seed)
         init = {k: v.clone() for k, v in build_model(spec).state_dict().items()}
         other = ds.num_classes if cfg.cad.others or cfg.partition.other_fraction else None
-        others = {}
-        if cfg.partition.other_fraction:
-            y = ds.train_y[kept]
-            for d in range(part.num_devices):
-                pool = kept[~torch.isin(y, torch.tensor(sorted(schedule.held[d])))]
-                n = min(len(pool), round(cfg.partition.other_fraction * len(part.indices[d])))
-                pick = np.random.default_rng([cfg.seed, 2, d]).choice(len(pool), n, replace=False)
-                others[d] = pool[torch.from_numpy(np.sort(pick))]
+        others = out_of_context(ds.train_y, kept, schedule.held, list(map(len, part.indices)),
+                                cfg.partition.other_fraction, cfg.seed)
         exp = cls(cfg, ds, part, spec, init, schedule, other, others)
         exp.enter_round(1)
         return exp
