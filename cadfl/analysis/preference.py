@@ -40,13 +40,14 @@ def class_activation_sums(spec: ModelSpec, state: dict[str, torch.Tensor], x: to
                           ) -> tuple[Sums, torch.Tensor]:
     """Per-class sums (K, F) of every filter's mean post-ReLU activation, and class counts (K,).
 
-    `x` are uint8 images, `y` global labels. Sums are float64 so that devices' sums add up
-    exactly enough to be merged in the cloud.
+    `x` are uint8 images, `y` global labels; the model runs where `x` is and the sums stay
+    there. Sums are float64 so that devices' sums add up exactly enough to be merged in the
+    cloud.
     """
-    model = build_loaded(spec, state).eval()
+    model = build_loaded(spec, state, x.device).eval()
     layers = activation_layers(spec)
-    sums = {name: torch.zeros(num_classes, spec.layer(name).out_ch, dtype=torch.float64)
-            for name in layers}
+    sums = {name: torch.zeros(num_classes, spec.layer(name).out_ch, dtype=torch.float64,
+                              device=x.device) for name in layers}
     captured: dict[str, torch.Tensor] = {}
     hooks = [model[j].register_forward_hook(
         lambda _m, _i, out, name=name: captured.__setitem__(name, out))
@@ -62,7 +63,7 @@ def class_activation_sums(spec: ModelSpec, state: dict[str, torch.Tensor], x: to
     finally:
         for h in hooks:
             h.remove()
-    return sums, torch.bincount(y, minlength=num_classes).to(torch.float64)
+    return sums, torch.bincount(y, minlength=num_classes).to(torch.float64).cpu()
 
 
 def class_means(sums: Sums, counts: torch.Tensor) -> Sums:

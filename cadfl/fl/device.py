@@ -24,31 +24,67 @@ _train_flops_cache: dict[str, int] = {}
 
 @dataclass
 class DeviceData:
-    """A device's local samples as tensors, with the dataset's normalisation and augmentation."""
+    """A device's local samples: rows `index` of shared dataset tensors (all rows when None),
+    with the dataset's normalisation and augmentation.
 
-    x: torch.Tensor  # uint8 (N, C, H, W)
-    y: torch.Tensor  # int64 global labels (N,)
+    The tensors are the whole dataset's, not copies: thousands of devices cost one dataset.
+    They may live on a GPU, where the device's training then runs.
+    """
+
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 global labels (N,)
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_padding: int = 0
     flip: bool = False
+    index: torch.Tensor | None = None
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The device's images (a gathered copy)."""
+        return self.images if self.index is None else self.images[self.index]
+
+    @property
+    def y(self) -> torch.Tensor:
+        """The device's labels."""
+        return self.labels if self.index is None else self.labels[self.index]
+
+    @property
+    def compute(self) -> torch.device:
+        """Where the data live, and so where the device's model runs."""
+        return self.images.device
+
+    def __len__(self) -> int:
+        return len(self.labels) if self.index is None else len(self.index)
 
     def class_counts(self) -> list[int]:
         """Samples per global class."""
         return torch.bincount(self.y, minlength=self.num_classes).tolist()
 
 
-def load_model(spec: ModelSpec, state: State) -> nn.Module:
-    """The network of `spec` with `state` loaded, channels-last for speed."""
-    return build_loaded(spec, state).to(memory_format=torch.channels_last)
+def load_model(spec: ModelSpec, state: State, device: torch.device | str = "cpu") -> nn.Module:
+    """The network of `spec` with `state` loaded on `device`, channels-last for speed."""
+    return build_loaded(spec, state, device).to(memory_format=torch.channels_last)
 
 
-def label_map(spec: ModelSpec, num_classes: int) -> torch.Tensor:
+def label_map(spec: ModelSpec, num_classes: int, device: torch.device | str = "cpu"
+              ) -> torch.Tensor:
     """Global class id -> logit index of `spec` (-1 for classes the model does not have)."""
     lut = torch.full((num_classes,), -1, dtype=torch.long)
     lut[torch.tensor(spec.class_ids)] = torch.arange(spec.num_classes)
-    return lut
+    return lut.to(device)
+
+
+def own_samples(spec: ModelSpec, data: DeviceData) -> tuple[torch.Tensor, torch.Tensor,
+                                                              torch.Tensor]:
+    """The device's samples of the model's classes: uint8 images, logit-index labels, and
+    their global labels (samples of other classes are left out)."""
+    y = data.y
+    lut = label_map(spec, data.num_classes, y.device)
+    rows = (lut[y] >= 0).nonzero().squeeze(1)
+    index = rows if data.index is None else data.index[rows]
+    return data.images[index], lut[y[rows]], y[rows]
 
 
 def train_flops_per_sample(spec: ModelSpec) -> int:
@@ -72,24 +108,22 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
     function of its payload and data.
     """
     cfg = payload.config
-    lut = label_map(payload.spec, data.num_classes)
-    keep = lut[data.y] >= 0
-    x, y = data.x[keep], lut[data.y[keep]]
-    n = len(y)
-    with torch.random.fork_rng():
+    x, y, global_y = own_samples(payload.spec, data)
+    n, dev = len(y), data.compute
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        model = load_model(payload.spec, payload.state).train()
+        gen = torch.Generator(dev).manual_seed(cfg.seed)
+        model = load_model(payload.spec, payload.state, dev).train()
         xf = to_float(x, data.mean, data.std).contiguous(memory_format=torch.channels_last)
         params = list(model.parameters())
         anchor = [p.detach().clone() for p in params] if cfg.mu > 0 else None
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         steps = math.ceil(cfg.fraction * cfg.epochs * math.ceil(n / cfg.batch_size))
         seen = 0
         for _ in range(cfg.epochs):
-            order = torch.randperm(n, generator=gen)
+            order = torch.randperm(n, generator=gen, device=dev)
             for start in range(0, n, cfg.batch_size):
                 if steps <= 0:
                     break
@@ -108,10 +142,11 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
                 opt.step()
                 loss_sum += ce.detach() * len(idx)
                 seen += len(idx)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", copy=True).contiguous()
+             for k, v in model.state_dict().items()}
     return Update(
         state=state, num_samples=n,
-        class_counts=torch.bincount(data.y[keep], minlength=data.num_classes).tolist(),
+        class_counts=torch.bincount(global_y, minlength=data.num_classes).tolist(),
         metrics={"train_loss": float(loss_sum) / max(seen, 1),
                  "train_flops": float(train_flops_per_sample(payload.spec) * seen)})
 
@@ -122,11 +157,10 @@ def report_activations(payload: Payload, data: DeviceData) -> Update:
     Only these class-level sums (and the class counts) leave the device, as the update's
     tensors keyed by layer name.
     """
-    lut = label_map(payload.spec, data.num_classes)
-    keep = lut[data.y] >= 0
-    sums, counts = class_activation_sums(payload.spec, payload.state, data.x[keep],
-                                         data.y[keep], data.num_classes, data.mean, data.std)
-    return Update(state=sums, num_samples=int(keep.sum()),
+    x, _, y = own_samples(payload.spec, data)
+    sums, counts = class_activation_sums(payload.spec, payload.state, x, y, data.num_classes,
+                                         data.mean, data.std)
+    return Update(state={k: v.cpu() for k, v in sums.items()}, num_samples=len(y),
                   class_counts=counts.long().tolist())
 
 
@@ -141,14 +175,15 @@ def run_task(payload: Payload, data: DeviceData) -> Update:
 
 def predict(spec: ModelSpec, state: State, x: torch.Tensor, mean: tuple[float, ...],
             std: tuple[float, ...], batch_size: int = EVAL_BATCH) -> torch.Tensor:
-    """Logits (N, spec.num_classes) of the model on uint8 images, batched, in inference mode."""
-    model = load_model(spec, state).eval()
+    """Logits (N, spec.num_classes) of the model on uint8 images, batched, in inference mode,
+    computed where the images are; returned on the CPU."""
+    model = load_model(spec, state, x.device).eval()
     out = []
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
             xb = to_float(x[start:start + batch_size], mean, std)
             out.append(model(xb.contiguous(memory_format=torch.channels_last)).float())
-    return torch.cat(out) if out else torch.zeros(0, spec.num_classes)
+    return torch.cat(out).cpu() if out else torch.zeros(0, spec.num_classes)
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor, spec: ModelSpec,

@@ -7,7 +7,9 @@ with the counts the cloud needs to weight them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatchcase
 
 import torch
 
@@ -38,15 +40,33 @@ class TrainConfig:
 TASKS = ("train", "activations")
 
 
+def matches(key: str, patterns: Sequence[str]) -> bool:
+    """Whether state key `key` matches any of the glob `patterns`."""
+    return any(fnmatchcase(key, p) for p in patterns)
+
+
 @dataclass
 class Payload:
     """A model for a device, and what to do with it: `task` is "train" (local training) or
-    "activations" (report per-class sums of every filter's activation, nothing else)."""
+    "activations" (report per-class sums of every filter's activation, nothing else).
+
+    `keep` names the state tensors the device keeps between rounds (glob patterns over state
+    keys, e.g. `"*.running_mean"` or `"*"`): where the device holds its own value, that value
+    replaces the payload's before training, and the trained value is stored afterwards (by
+    layer and class path: see `cadfl.runtime.store`). Of those, the ones matching `private`
+    never leave the device: the update does not carry them.
+    """
 
     spec: ModelSpec
     state: State
     config: TrainConfig = field(default_factory=TrainConfig)
     task: str = "train"
+    keep: tuple[str, ...] = ()
+    private: tuple[str, ...] = ()
+
+    def returned_keys(self) -> list[str]:
+        """The state keys a trained update carries back: all but the private ones."""
+        return [k for k in self.state if not matches(k, self.private)]
 
 
 @dataclass

@@ -285,15 +285,16 @@ def build_model(spec: ModelSpec) -> nn.Sequential:
     return model
 
 
-def build_loaded(spec: ModelSpec, state: dict[str, torch.Tensor]) -> nn.Sequential:
-    """The network of `spec` with `state` loaded.
+def build_loaded(spec: ModelSpec, state: dict[str, torch.Tensor],
+                 device: torch.device | str = "cpu") -> nn.Sequential:
+    """The network of `spec` with `state` loaded, on `device`.
 
     Modules are created on the meta device: no throw-away random initialisation, which would
     cost time and consume the global RNG.
     """
     with torch.device("meta"):
         model = build_model(spec)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device=device)
     model.load_state_dict(state)
     return model
 
