@@ -71,6 +71,23 @@ def test_alexnet_parameter_count_by_hand() -> None:
     assert n_params(build_model(get_model("alexnet", num_classes=10))) == expected
 
 
+def test_fl_cnn_shapes_and_parameter_count_by_hand() -> None:
+    # Unpadded 5x5 convs with bias: 32 -> 28 -> pool 14 -> 10 -> pool 5, so 64x5x5 = 1600
+    # features into fc 512 and fc 10: 878,538 parameters with 3-channel input.
+    expected = (3 * 32 * 25 + 32) + (32 * 64 * 25 + 64) + (1600 * 512 + 512) + (512 * 10 + 10)
+    assert expected == 878_538
+    spec = get_model("fl_cnn", num_classes=10)
+    assert spec.names == ("conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "flatten",
+                          "fc1", "relu3", "fc2")
+    model = build_model(spec)
+    assert n_params(model) == expected
+    with torch.no_grad():
+        features = model[:"flatten"](torch.randn(2, 3, 32, 32))
+    assert features.shape == (2, 1600)
+    bn = get_model("fl_cnn", batch_norm=True)
+    assert [layer.kind for layer in bn.layers].count("bn") == 2
+
+
 def test_vgg16_without_batch_norm() -> None:
     spec = get_model("vgg16", batch_norm=False)
     assert not any(layer.kind == "bn" for layer in spec.layers)
