@@ -82,7 +82,7 @@ def test_fl_cnn_shapes_and_parameter_count_by_hand() -> None:
     model = build_model(spec)
     assert n_params(model) == expected
     with torch.no_grad():
-        features = model[:"flatten"](torch.randn(2, 3, 32, 32))
+        features = model[:spec.names.index("flatten") + 1](torch.randn(2, 3, 32, 32))
     assert features.shape == (2, 1600)
     bn = get_model("fl_cnn", batch_norm=True)
     assert [layer.kind for layer in bn.layers].count("bn") == 2
