@@ -92,7 +92,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .report.summary import summarize, text_table
-    from .sim.config import load_config, require_static_contexts
+    from .sim.config import load_config, require_flower_support
     from .sim.engine import run_experiment
 
     if args.resume:
@@ -122,7 +122,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise UserError("--engine flower needs Flower: pip install 'cadfl[flower]'")
         from .flower.simulation import run_flower_simulation
 
-        require_static_contexts(cfg, "Flower")
+        require_flower_support(cfg, "Flower")
 
         lines = run_flower_simulation(cfg, out, quiet=args.quiet, resume=bool(args.resume))
     else:

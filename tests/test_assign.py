@@ -1,6 +1,8 @@
 """Activation assignment: balanced filter-to-class assignment, function-preserving permutation,
 decoupling of a trained dense model, and the class-activation statistic it rests on."""
 
+import json
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -130,20 +132,19 @@ def test_activation_cad_queries_once_then_trains_decoupled_sub_models():
     strategy = CAD(spec, TrainConfig(), devices, depth=1, assign="activation", warmup_rounds=1)
     state = strategy.initial_state(build_model(spec).state_dict())
     assert strategy.configure_query(1, state, [0, 1, 2]) == {}  # still warming up
-    state = strategy.aggregate_train(1, state, {d: run_task(p, data[d]) for d, p in
-                                                strategy.configure_train(1, state, [0, 1, 2])
-                                                .items()})
+    state = strategy.aggregate_train(1, state, ((d, run_task(p, data[d])) for d, p in
+                                                strategy.configure_train(1, state, [0, 1, 2])))
     queries = strategy.configure_query(2, state, [0, 1, 2])
     assert {p.task for p in queries.values()} == {"activations"}
     replies = {d: run_task(p, data[d]) for d, p in queries.items()}
     assert all(r.state["conv3"].shape == (10, 128) for r in replies.values())
     state = strategy.aggregate_query(2, state, replies)
-    assert strategy.is_decoupled(state)
+    assert strategy.is_decoupled()
     assert strategy.configure_query(3, state, [0, 1, 2]) == {}
     assert state["spare/conv3.weight"].shape == (8, 64, 3, 3)  # 128 - 10 x 12 left over
     notes = strategy.notes["assignment"]["conv3"]
     assert notes["filters_per_class"] == 12 and 0.0 <= notes["argmax_fraction"] <= 1.0
-    payloads = strategy.configure_train(2, state, [0, 1, 2])
+    payloads = dict(strategy.configure_train(2, state, [0, 1, 2]))
     assert payloads[0].spec.class_ids == (0, 1, 2, 3, 4)
     assert payloads[0].state["conv3.weight"].shape[0] == 60
 
@@ -156,7 +157,7 @@ def test_suggested_depth_starts_at_the_first_selective_conv_layer():
     assert suggest_depth([0.05, 0.1], 0.3) == 0
 
 
-def test_auto_depth_decouples_where_selectivity_says_and_is_recognised_on_resume():
+def test_auto_depth_decouples_where_selectivity_says_and_is_restored_on_resume():
     from cadfl.analysis.preference import suggest_depth
     from cadfl.data.datasets import load_digits
 
@@ -172,13 +173,16 @@ def test_auto_depth_decouples_where_selectivity_says_and_is_recognised_on_resume
 
     strategy = make()
     state = strategy.initial_state(build_model(spec).state_dict())
-    state = strategy.aggregate_train(1, state, {0: run_task(
-        strategy.configure_train(1, state, [0])[0], data[0])})
+    state = strategy.aggregate_train(1, state, [(0, run_task(
+        dict(strategy.configure_train(1, state, [0]))[0], data[0]))])
     replies = {0: run_task(strategy.configure_query(2, state, [0])[0], data[0])}
     state = strategy.aggregate_query(2, state, replies)
     convs = ("conv1", "conv2", "conv3")
     expected = suggest_depth([strategy.notes["selectivity"][n] for n in convs], 0.2)
     assert strategy.notes["depth"] == strategy.notes["suggested_depth"] == expected
-    assert strategy.is_decoupled(state)
-    resumed = make()  # a fresh strategy recognises the decoupled state and its depth
-    assert resumed.is_decoupled(state) and resumed.decoupling.depth == expected
+    assert strategy.is_decoupled()
+    resumed = make()  # a fresh strategy takes up the saved structure, depth included
+    assert not resumed.is_decoupled()
+    resumed.restore(json.loads(json.dumps(strategy.structure())))
+    assert resumed.is_decoupled() and resumed.decoupling.depth == expected
+    assert resumed.spec == strategy.spec

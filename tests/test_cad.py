@@ -87,13 +87,13 @@ def test_a_path_changes_only_when_a_holder_of_its_class_took_part(case, data):
         return
     strategy = CAD(spec, TrainConfig(), devices, depth=depth)
     state = strategy.initial_state(build_model(spec).state_dict())
-    payloads = strategy.configure_train(1, state, [d.id for d in devices])
+    payloads = dict(strategy.configure_train(1, state, [d.id for d in devices]))
     # Every device returns its sub-model shifted by +1: whatever it held must move.
     updates = {d: Update({k_: v + 1 if v.is_floating_point() else v
                           for k_, v in p.state.items()},
                          devices[i].num_samples, list(devices[i].class_counts))
                for i, (d, p) in enumerate(sorted(payloads.items()))}
-    new = strategy.aggregate_train(1, state, updates)
+    new = strategy.aggregate_train(1, state, updates.items())
     held = {c for d in devices for c in d.classes}
     dec = strategy.decoupling
     for key in state:
@@ -117,11 +117,11 @@ def test_path_weights_are_class_counts_and_trunk_weights_sample_counts():
     devices = [DeviceInfo(0, (10, 0, 2)), DeviceInfo(1, (0, 6, 6))]
     strategy = CAD(spec, TrainConfig(), devices, depth=1)
     state = strategy.initial_state(build_model(spec).state_dict())
-    payloads = strategy.configure_train(1, state, [0, 1])
+    payloads = dict(strategy.configure_train(1, state, [0, 1]))
     updates = {d: Update({k: torch.full_like(v, float(d + 1)) if v.is_floating_point() else v
                           for k, v in p.state.items()}, devices[d].num_samples,
                          list(devices[d].class_counts)) for d, p in payloads.items()}
-    new = strategy.aggregate_train(1, state, updates)
+    new = strategy.aggregate_train(1, state, updates.items())
     g = strategy.decoupling.group_size("conv3.weight")
     # Trunk: (12*1 + 12*2) / 24; class 2's path: (2*1 + 6*2) / 8; class 0 only device 0.
     assert torch.allclose(new["conv1.weight"], torch.tensor(1.5))
@@ -135,8 +135,8 @@ def test_fed2_sends_the_whole_grouped_model_and_cad_a_smaller_one():
     devices = [DeviceInfo(0, (5,) * 3 + (0,) * 7)]
     init = build_model(spec).state_dict()
     cad, fed2 = CAD(spec, TrainConfig(), devices), Fed2(spec, TrainConfig(), devices)
-    p_cad = cad.configure_train(1, cad.initial_state(init), [0])[0]
-    p_fed2 = fed2.configure_train(1, fed2.initial_state(init), [0])[0]
+    p_cad = dict(cad.configure_train(1, cad.initial_state(init), [0]))[0]
+    p_fed2 = dict(fed2.configure_train(1, fed2.initial_state(init), [0]))[0]
     assert p_cad.spec.class_ids == (0, 1, 2)
     assert p_fed2.spec.num_classes == 10
     assert state_bytes(p_cad.state) < state_bytes(p_fed2.state) < state_bytes(init)
@@ -150,7 +150,7 @@ def test_trunk_of_cad_starts_from_the_dense_initial_weights_and_spares_are_kept_
     assert torch.equal(state["conv1.weight"], init["conv1.weight"])
     assert state["conv3.weight"].shape[0] == 120  # 12 filters per class, 8 spare
     assert torch.equal(state["spare/conv3.weight"], init["conv3.weight"][120:])
-    payload = strategy.configure_train(1, state, [0])[0]
+    payload = dict(strategy.configure_train(1, state, [0]))[0]
     assert not any(k.startswith("spare/") for k in payload.state)  # never sent
     assert not any(k.startswith("spare/") for k in strategy.global_model(state)[1])
 

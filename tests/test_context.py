@@ -173,7 +173,7 @@ def test_context_change_schedule_gives_the_expected_submodels(digits):
         exp.enter_round(rnd)
         cad.devices = {d.id: d for d in exp.devices}
         state = cad.add_classes(state, exp.schedule.model_classes(rnd), seed=rnd)
-        payloads = cad.configure_train(rnd, state, [0, 1, 2, 3])
+        payloads = dict(cad.configure_train(rnd, state, [0, 1, 2, 3]))
         for d, p in payloads.items():
             held = set(exp.partition.classes(d))
             expected = held - {8, 9} if rnd < 3 or d > 1 else held
@@ -182,7 +182,7 @@ def test_context_change_schedule_gives_the_expected_submodels(digits):
             assert p.spec.class_ids == tuple(sorted(expected)), (rnd, d)
             assert p.state["conv3.weight"].shape[0] == per_class * len(expected)
             assert p.state["fc1.weight"].shape[0] == len(expected)
-            assert set(exp.device_data[d].y.unique().tolist()) == expected
+            assert set(exp.data(d).y.unique().tolist()) == expected
         model_classes = cad.global_model(state)[0].class_ids
         assert model_classes == (tuple(range(8)) if rnd < 3 else tuple(range(10)))
 

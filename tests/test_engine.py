@@ -18,12 +18,13 @@ from cadfl.fl.aggregate import is_bn_stat
 from cadfl.fl.device import DeviceData, predict, train_local
 from cadfl.fl.payload import Payload
 from cadfl.fl.strategy import device_seed
+from cadfl.runtime import DeviceStore, with_kept
 from cadfl.sim.checkpoint import load_checkpoint
 from cadfl.sim.config import Config, load_config
 from cadfl.sim.engine import Experiment, run_experiment, sample_devices
 
-KEYS = ["round", "algorithm", "global_acc", "context_acc", "test_loss", "train_loss",
-        "bytes_down", "bytes_up", "device_train_flops", "wall_s", "rejected",
+KEYS = ["round", "algorithm", "global_acc", "context_acc", "eval_devices", "test_loss",
+        "train_loss", "bytes_down", "bytes_up", "device_train_flops", "wall_s", "rejected",
         "class_acc", "others_reject", "others_in_acc"]
 
 
@@ -138,12 +139,12 @@ def test_fedprox_keeps_devices_closer_to_the_global_model(digits):
     exp = Experiment.setup(small("fedprox.mu=1.0"), digits)
     fedavg, fedprox = exp.strategy("fedavg"), exp.strategy("fedprox")
     ids = [d.id for d in exp.devices]
-    avg_payloads = fedavg.configure_train(1, fedavg.initial_state(exp.init), ids)
-    prox_payloads = fedprox.configure_train(1, fedprox.initial_state(exp.init), ids)
+    avg_payloads = dict(fedavg.configure_train(1, fedavg.initial_state(exp.init), ids))
+    prox_payloads = dict(fedprox.configure_train(1, fedprox.initial_state(exp.init), ids))
     for d in ids:
         assert prox_payloads[d].config.mu == 1.0 and avg_payloads[d].config.mu == 0.0
-        moved_avg = distance(train_local(avg_payloads[d], exp.device_data[d]).state, exp.init)
-        moved_prox = distance(train_local(prox_payloads[d], exp.device_data[d]).state, exp.init)
+        moved_avg = distance(train_local(avg_payloads[d], exp.data(d)).state, exp.init)
+        moved_prox = distance(train_local(prox_payloads[d], exp.data(d)).state, exp.init)
         assert 0 < moved_prox < moved_avg, (d, moved_prox, moved_avg)
 
     after_avg, _ = exp.train_round(fedavg, 1, fedavg.initial_state(exp.init))
@@ -251,9 +252,12 @@ def test_metrics_lines_eval_thinning_bytes_and_context_accuracy(tmp_path, digits
         state, record = load_checkpoint(out / "checkpoints", name)
         assert record["round"] == 3
         strategy = exp.strategy(name)
-        models = strategy.configure_evaluate(3, state, [d.id for d in exp.devices])
+        store = DeviceStore(out / "devices" / name)  # what each device kept (local: its model)
+        models = {d: replace(p, state=with_kept(p.spec, p.state, p.keep, store.get(d)))
+                  for d, p in strategy.configure_evaluate(3, state, [d.id for d in exp.devices])}
         accs = [own_class_accuracy(models[d.id].spec, models[d.id].state, digits, d.classes)
                 for d in exp.devices]
+        assert by[name, 3]["eval_devices"] == len(exp.devices)
         assert by[name, 3]["context_acc"] == pytest.approx(sum(accs) / len(accs), abs=1e-6)
         if name != "local":
             logits = predict(exp.spec, state, digits.test_x, digits.mean, digits.std)
@@ -261,28 +265,28 @@ def test_metrics_lines_eval_thinning_bytes_and_context_accuracy(tmp_path, digits
             assert by[name, 3]["global_acc"] == pytest.approx(acc, abs=1e-6)
             loss = F.cross_entropy(logits, digits.test_y).item()
             assert by[name, 3]["test_loss"] == pytest.approx(loss, rel=1e-5)
-    local_state, _ = load_checkpoint(out / "checkpoints", "local")
-    own = exp.strategy("local").configure_evaluate(3, local_state, [0, 1])
-    assert not torch.equal(own[0].state["conv1.weight"], own[1].state["conv1.weight"])
+    kept = DeviceStore(out / "devices" / "local")
+    assert not torch.equal(kept.get(0)["conv1.weight"], kept.get(1)["conv1.weight"])
+    # The devices' models live on the devices; the cloud holds only the shared initial weights.
+    assert load_checkpoint(out / "checkpoints", "local")[0].keys() == exp.init.keys()
 
 
 def test_keep_local_bn_scores_each_device_with_its_own_statistics(digits):
     # 3 local epochs, so that the devices' statistics move far enough to change predictions.
     exp = Experiment.setup(small("bn=keep_local", "sample=0.5", "train.epochs=3"), digits)
-    strategy = exp.strategy("fedavg")
-    state, _ = exp.train_round(strategy, 1, strategy.initial_state(exp.init))
+    strategy, runtime = exp.strategy("fedavg"), exp.runtime()
+    state, _ = exp.train_round(strategy, 1, strategy.initial_state(exp.init), runtime)
     participants = sample_devices(exp.cfg.seed, 1, exp.cfg.devices, 2)
-    global_weights = {k: v for k, v in state.items() if not k.startswith("local/")}
-    models = strategy.configure_evaluate(1, state, [d.id for d in exp.devices])
     key = "bn1.running_mean"
     accs, accs_global = [], []
     for d in exp.devices:
-        own = {k: state.get(f"local/{d.id}/{k}", v) for k, v in global_weights.items()}
-        assert torch.equal(own[key], global_weights[key]) == (d.id not in participants)
-        assert all(torch.equal(models[d.id].state[k], own[k]) for k in own)
+        kept = runtime.store.get(d.id)
+        assert (key in kept) == (d.id in participants)
+        own = {k: kept.get(k, v) for k, v in state.items()}
         accs.append(own_class_accuracy(exp.spec, own, digits, d.classes))
-        accs_global.append(own_class_accuracy(exp.spec, global_weights, digits, d.classes))
-    evals = exp.evaluate(strategy, 1, state)
+        accs_global.append(own_class_accuracy(exp.spec, state, digits, d.classes))
+    assert not torch.equal(runtime.store.get(participants[0])[key], state[key])
+    evals = exp.evaluate(strategy, 1, state, runtime)
     assert evals["context_acc"] == pytest.approx(sum(accs) / len(accs), abs=1e-6)
     assert accs != accs_global  # otherwise this test could not tell the two apart
 

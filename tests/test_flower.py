@@ -102,7 +102,7 @@ def test_every_node_derives_the_engines_data(digits):
     cfg = small("devices=4", "partition.scheme=dirichlet")
     exp = Experiment.setup(cfg, digits)
     for d in [*range(cfg.devices), POOLED]:
-        mine, theirs = device_data(cfg, d, digits), exp.device_data[d]
+        mine, theirs = device_data(cfg, d, digits), exp.data(d)
         assert torch.equal(mine.x, theirs.x) and torch.equal(mine.y, theirs.y), d
         assert (mine.mean, mine.std, mine.num_classes) == \
             (theirs.mean, theirs.std, theirs.num_classes)
@@ -176,7 +176,7 @@ def test_executor_rejects_missing_nodes_and_reports_node_errors(digits):
     exp = Experiment.setup(cfg, digits)
     bad = Payload(exp.spec, exp.init, exp.train_config(), task="dance")
     with pytest.raises(FlowerError, match="unknown payload task 'dance'"):
-        execute({0: bad})
+        list(execute([(0, bad)]))
 
 
 def test_run_config_builds_the_experiment(tmp_path):

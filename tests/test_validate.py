@@ -71,12 +71,14 @@ def test_counts_for_classes_the_sub_model_does_not_have_are_rejected():
 
 
 def _corrupting(exp: Experiment, bad: set[int]):
-    def execute(payloads):
-        out = exp.run_here(payloads)
-        for d in bad & set(out):
-            out[d].state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-                            for k, v in out[d].state.items()}
-        return out
+    runtime = exp.runtime()
+
+    def execute(jobs):
+        for d, p, u in runtime(jobs):
+            if d in bad:
+                u.state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                           for k, v in u.state.items()}
+            yield d, p, u
     return execute
 
 

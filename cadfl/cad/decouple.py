@@ -30,6 +30,19 @@ class Decoupling:
     first: int
     widths: dict[str, tuple[int, int]]
 
+    def to_dict(self) -> dict:
+        """JSON-able form (saved with checkpoints: the structure is never guessed from
+        tensor shapes)."""
+        return {"spec": self.spec.to_dict(), "num_classes": self.num_classes,
+                "depth": self.depth, "first": self.first,
+                "widths": {k: list(v) for k, v in self.widths.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Decoupling:
+        """Inverse of `to_dict`."""
+        return cls(ModelSpec.from_dict(d["spec"]), int(d["num_classes"]), int(d["depth"]),
+                   int(d["first"]), {k: (int(a), int(b)) for k, (a, b) in d["widths"].items()})
+
     def is_path_key(self, key: str) -> bool:
         """Whether a state key belongs to a decoupled layer (its rows are class paths)."""
         name = key.split(".", 1)[0]

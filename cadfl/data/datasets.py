@@ -1,4 +1,5 @@
-"""Datasets held in memory as uint8 image tensors: scikit-learn's 8x8 digits and CIFAR-10.
+"""Datasets held in memory as uint8 image tensors: scikit-learn's 8x8 digits, CIFAR-10, and a
+generated `synthetic` set of any size for scale tests.
 
 Both loaders return a `Dataset` whose images are uint8 (N, C, H, W); normalisation and
 augmentation happen per batch (see `cadfl.data.augment`), so a whole dataset stays small
@@ -289,11 +290,41 @@ def load_cifar10(data_dir: str | Path | None = None, download: bool = True) -> D
     )
 
 
-DATASETS: dict[str, Callable[..., Dataset]] = {"cifar10": load_cifar10, "digits": load_digits}
+def load_synthetic(data_dir: str | Path | None = None, *, images: int = 200_000,
+                   test_images: int = 2_000, classes: int = 10, channels: int = 1,
+                   size: int = 8, seed: int = 0) -> Dataset:
+    """A seeded, generated dataset of any size, for scale tests (no files, no download).
+
+    Every class has a random prototype image; a sample is its class's prototype plus noise,
+    clipped to uint8, so the classes can be learnt. Labels cycle through the classes, so every
+    class has the same number of images (within one). `data_dir` is ignored. The default,
+    200,000 images of 1x8x8 in 10 classes (12.8 MB), is enough for 10,000 devices of the
+    default partition (5 classes each, 20 images per device) and fits `digits_cnn`.
+    """
+    if min(images, test_images, classes, channels, size) < 1:
+        raise DataError("synthetic: images, test_images, classes, channels and size must all "
+                        "be >= 1")
+    gen = torch.Generator().manual_seed(seed)
+    prototypes = torch.rand(classes, channels, size, size, generator=gen) * 255
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = torch.arange(n) % classes
+        noise = torch.randn(n, channels, size, size, generator=gen) * 48
+        x = (prototypes[y] + noise).clamp_(0, 255).round_().to(torch.uint8)
+        return x.numpy(), y.numpy()
+
+    train, test = draw(images), draw(test_images)
+    return _make_dataset("synthetic", *train, *test, [str(c) for c in range(classes)],
+                         crop_padding=1 if size >= 8 else 0, flip=False)
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load a dataset by name (one of `DATASETS`); `data_dir` is where CIFAR-10 lives."""
+DATASETS: dict[str, Callable[..., Dataset]] = {"cifar10": load_cifar10, "digits": load_digits,
+                                               "synthetic": load_synthetic}
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, **options) -> Dataset:
+    """Load a dataset by name (one of `DATASETS`); `data_dir` is where CIFAR-10 lives;
+    `options` go to the loader (the size of `synthetic`)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](data_dir)
+    return DATASETS[name](data_dir, **options)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 SCHEMES = ("iid", "classes", "dirichlet")
+SUMMARY_ROWS = 30
 
 
 class PartitionError(ValueError):
@@ -125,7 +126,8 @@ class Partition:
         return cls(scheme, seed, num_classes, params, indices, class_counts)
 
     def summary(self, class_names: list[str] | None = None) -> str:
-        """A printable table of each device's sample count and held classes, then totals."""
+        """A printable table of each device's sample count and held classes (the first
+        `SUMMARY_ROWS` devices), then totals."""
 
         def name(c: int) -> str:
             return class_names[c] if class_names else str(c)
@@ -137,9 +139,12 @@ class Partition:
             f"{self.num_devices} devices, {self.num_classes} classes, {sum(sizes)} samples",
             f"{'device':>6}  {'samples':>7}  {'#cls':>4}  class:count",
         ]
-        for d in range(self.num_devices):
+        for d in range(min(self.num_devices, SUMMARY_ROWS)):
             held = " ".join(f"{name(c)}:{self.class_counts[d][c]}" for c in self.classes(d))
             lines.append(f"{d:>6}  {sizes[d]:>7}  {len(self.classes(d)):>4}  {held}")
+        if self.num_devices > SUMMARY_ROWS:
+            lines.append(f"{'...':>6}  ({self.num_devices - SUMMARY_ROWS} more devices: see "
+                         "partition.json)")
         totals = np.sum(self.class_counts, axis=0)
         holders = (np.asarray(self.class_counts) > 0).sum(axis=0)
         lines.append(f"{'total':>6}  {sum(sizes):>7}  {'':>4}  " + " ".join(

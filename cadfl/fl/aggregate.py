@@ -3,14 +3,19 @@
 Each device contributes tensors placed into the global state, whole or as a set of rows (the
 index map of a sub-model), with a weight per row. Every global row becomes the weighted mean of
 the devices that hold it, accumulated in float64 in the order given; rows no device held keep
-their value. FedAvg is the case "every device holds every row with weight = its sample count";
-CAD's path-paired averaging is the case "class c's rows are held by the devices of class c,
+their value. The mean is folded in as contributions arrive (`RunningMean`): a round holds the
+float64 sums and one update at a time, however many devices take part. The robust rules
+(median, trimmed mean) need every holder's value of a coordinate at once, so they hold all of
+the round's contributions.
+
+FedAvg is the case "every device holds every row with weight = its sample count"; CAD's
+path-paired averaging is the case "class c's rows are held by the devices of class c,
 weighted by their class-c counts".
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -65,20 +70,26 @@ class Robustness:
 
 MEAN = Robustness()
 
-def aggregate(state: State, contributions: Sequence[Contribution],
+def aggregate(state: State, contributions: Iterable[Contribution],
               robust: Robustness = MEAN) -> State:
     """Combine `contributions` into a new state (the input is not modified): a weighted mean
-    over the holders of each row, or a robust statistic over them (see `Robustness`)."""
+    over the holders of each row, folded in one contribution at a time, or a robust statistic
+    over them (see `Robustness`), which needs them all at once."""
     if robust.rule not in RULES:
         raise ValueError(f"unknown aggregation rule {robust.rule!r}; valid: {', '.join(RULES)}")
-    for c in contributions:
-        for key, t in c.state.items():
-            _check_shape(state, c, key, t)
-    if robust.clip > 0:
-        contributions = [clip_update(state, c, robust.clip) for c in contributions]
+
+    def checked() -> Iterable[Contribution]:
+        for c in contributions:
+            for key, t in c.state.items():
+                _check_shape(state, c, key, t)
+            yield clip_update(state, c, robust.clip) if robust.clip > 0 else c
+
     if robust.rule == "mean":
-        return _weighted_mean(state, contributions)
-    return _order_statistic(state, contributions, robust)
+        running = RunningMean(state)
+        for c in checked():
+            running.add(c)
+        return running.result()
+    return _order_statistic(state, list(checked()), robust)
 
 
 def _check_shape(state: State, c: Contribution, key: str, t: torch.Tensor) -> None:
@@ -149,28 +160,37 @@ def _order_statistic(state: State, contributions: Sequence[Contribution],
     return out
 
 
-def _weighted_mean(state: State, contributions: Sequence[Contribution]) -> State:
-    sums: dict[str, torch.Tensor] = {}
-    weights: dict[str, torch.Tensor] = {}
-    for c in contributions:
+class RunningMean:
+    """Float64 running sums of weighted contributions over the holders of each row."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.sums: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def add(self, c: Contribution) -> None:
+        """Fold one contribution into the sums."""
         for key, t in c.state.items():
-            g = state[key]
+            g = self.state[key]
             rows = c.rows.get(key)
             w = _row_weights(c, key, t)
-            if key not in sums:
-                sums[key] = torch.zeros(g.shape, dtype=torch.float64)
-                weights[key] = torch.zeros(_rows_of(g), dtype=torch.float64)
+            if key not in self.sums:
+                self.sums[key] = torch.zeros(g.shape, dtype=torch.float64)
+                self.weights[key] = torch.zeros(_rows_of(g), dtype=torch.float64)
             weighted = t.to(torch.float64) * _per_row(w, t.dim())
             if rows is None:
-                sums[key] += weighted
-                weights[key] += w
+                self.sums[key] += weighted
+                self.weights[key] += w
             else:
-                sums[key].index_add_(0, rows, weighted)
-                weights[key].index_add_(0, rows, w)
-    out = dict(state)
-    for key, s in sums.items():
-        g = state[key]
-        w = _per_row(weights[key], g.dim())
-        mean = torch.where(w > 0, s / w.clamp_min(1e-300), g.to(torch.float64))
-        out[key] = (mean.round() if not g.is_floating_point() else mean).to(g.dtype)
-    return out
+                self.sums[key].index_add_(0, rows, weighted)
+                self.weights[key].index_add_(0, rows, w)
+
+    def result(self) -> State:
+        """The weighted means (rows nobody held keep the state's value)."""
+        out = dict(self.state)
+        for key, s in self.sums.items():
+            g = self.state[key]
+            w = _per_row(self.weights[key], g.dim())
+            mean = torch.where(w > 0, s / w.clamp_min(1e-300), g.to(torch.float64))
+            out[key] = (mean.round() if not g.is_floating_point() else mean).to(g.dtype)
+        return out

@@ -23,6 +23,7 @@ every device trains the whole model": the sub-model of all classes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -38,17 +39,13 @@ from ..cad.assign import (
 from ..cad.decouple import Decoupling, conv_indices, decouple
 from ..cad.grow import grow_dense, grow_paths, grow_state
 from ..cad.submodel import extract, index_map, row_classes
-from ..models import ModelSpec, SpecError, build_model, state_shapes, with_classes
-from .aggregate import MEAN, Contribution, Robustness, aggregate
+from ..models import ModelSpec, SpecError, build_model, with_classes
+from .aggregate import MEAN, Contribution, Robustness
 from .fedavg import FedAvg
 from .payload import DeviceInfo, Payload, State, TrainConfig, Update
-from .strategy import LOCAL_PREFIX, Strategy
+from .strategy import Payloads, Strategy
 
 ASSIGN_MODES = ("prior", "activation")
-
-
-def _matches(state: State, shapes: dict[str, torch.Size]) -> bool:
-    return state.keys() >= shapes.keys() and all(state[k].shape == s for k, s in shapes.items())
 
 
 class CAD(Strategy):
@@ -60,6 +57,9 @@ class CAD(Strategy):
     for its activation statistics and decouples the model from them. `depth="auto"` then
     decouples from the first conv layer whose class selectivity reaches
     `selectivity_threshold` (see `analysis.preference.suggest_depth`).
+
+    The structure (dense spec, decoupling, phase) lives in the strategy and is saved with
+    every checkpoint (`structure`/`restore`); it is never inferred from tensor shapes.
     """
 
     name = "cad"
@@ -82,40 +82,38 @@ class CAD(Strategy):
         self.threshold = selectivity_threshold
         self.dense = FedAvg(spec, train, devices, bn=bn, robust=robust)
         self.decoupling: Decoupling | None = None
-        if depth == "auto":
-            # Every feasible depth, so that a resumed run recognises its decoupled state.
-            self._candidates = {}
-            for d in range(len(conv_indices(spec)) + 1):
-                try:
-                    self._candidates[d] = state_shapes(decouple(spec, spec.num_classes, d).spec)
-                except SpecError:
-                    break  # deeper decoupling only meets narrower layers
-            dense = state_shapes(spec)
-            self._candidates = {d: s for d, s in self._candidates.items() if s != dense}
-        else:
-            self._set_depth(int(depth))
+        if depth != "auto":
+            self.decoupling = decouple(spec, spec.num_classes, int(depth))
+        self.decoupled = False
+        if assign == "prior":
+            self._enter_decoupled()
 
-    def _set_depth(self, depth: int) -> None:
-        self.decoupling = decouple(self.dense_spec, self.dense_spec.num_classes, depth)
-        self.spec = self.decoupling.spec
-        self._shapes = state_shapes(self.spec)
+    def _enter_decoupled(self) -> None:
+        assert self.decoupling is not None
+        self.decoupled, self.spec = True, self.decoupling.spec
 
-    def is_decoupled(self, state: State) -> bool:
-        """Whether `state` holds the decoupled model (not the dense one of the warm-up)."""
-        if self.decoupling is None:
-            for depth, shapes in self._candidates.items():
-                if _matches(state, shapes):
-                    self._set_depth(depth)
-                    break
-            else:
-                return False
-        return _matches(state, self._shapes)
+    def is_decoupled(self) -> bool:
+        """Whether the global model is decoupled yet (not the dense model of the warm-up)."""
+        return self.decoupled
+
+    def structure(self) -> dict[str, Any]:
+        """The dense spec, the decoupling (depth, class paths, widths) and the phase."""
+        return {"decoupled": self.decoupled, "dense_spec": self.dense_spec.to_dict(),
+                "decoupling": None if self.decoupling is None else self.decoupling.to_dict()}
+
+    def restore(self, structure: dict[str, Any]) -> None:
+        """Take up a saved structure (a resumed run)."""
+        self.dense_spec = ModelSpec.from_dict(structure["dense_spec"])
+        self.dense.spec = self.dense_spec
+        saved = structure["decoupling"]
+        self.decoupling = None if saved is None else Decoupling.from_dict(saved)
+        self.decoupled, self.spec = False, self.dense_spec
+        if structure["decoupled"]:
+            self._enter_decoupled()
 
     def global_model(self, state: State) -> tuple[ModelSpec, State]:
         """The decoupled model (without the spare pool), or the dense one while warming up."""
-        spec, weights = super().global_model(state)
-        weights = {k: v for k, v in weights.items() if not k.startswith(SPARE_PREFIX)}
-        return (spec if self.is_decoupled(state) else self.dense_spec), weights
+        return self.spec, {k: v for k, v in state.items() if not k.startswith(SPARE_PREFIX)}
 
     def initial_state(self, weights: State) -> State:
         """Prior: the dense model's trunk, and class paths initialised with their own fan-in
@@ -140,32 +138,40 @@ class CAD(Strategy):
 
     def add_classes(self, state: State, classes: Sequence[int], seed: int) -> State:
         """New Class: each class the model lacks gets a path in every decoupled layer and a
-        logit (`cadfl.cad.grow`); existing paths and outputs are unchanged. A state that
-        already holds the new paths (a resumed run) is kept as it is."""
+        logit (`cadfl.cad.grow`); existing paths and outputs are unchanged."""
         new = [c for c in classes if c not in self.dense_spec.class_ids]
         if not new:
             return state
-        dense = state_shapes(self.dense_spec)
-        if self.decoupling is None or (dense != self._shapes and _matches(state, dense)):
+        if not self.decoupled:
             raise ValueError(f"classes {new} appear while CAD still trains the dense model "
                              "(warm-up): let them appear after the decoupling round")
         for i, c in enumerate(new):
             grown = grow_paths(self.decoupling, c)
-            shapes = state_shapes(grown.spec)
-            if not _matches(state, shapes):
-                state = grow_state(self.decoupling, grown, state, seed + i)
-            self.decoupling, self.spec, self._shapes = grown, grown.spec, shapes
+            state = grow_state(self.decoupling, grown, state, seed + i)
+            self.decoupling = grown
+        self._enter_decoupled()
         self.dense_spec = with_classes(self.dense_spec, tuple(new))
         return state
 
     def configure_query(self, rnd: int, state: State, device_ids: Sequence[int]
                         ) -> dict[int, Payload]:
         """After the warm-up, once: ask every device for its activation statistics."""
-        if self.assign != "activation" or self.is_decoupled(state) or rnd <= self.warmup_rounds:
+        if self.assign != "activation" or self.decoupled or rnd <= self.warmup_rounds:
             return {}
         spec, weights = self.global_model(state)
-        return {d: Payload(spec, weights, self.device_config(rnd, d), task="activations")
-                for d in device_ids}
+        return {d: Payload(spec, weights, self.device_config(rnd, d), task="activations",
+                           keep=self.kept()) for d in device_ids}
+
+    def _deepest(self) -> int:
+        """The deepest decoupling the dense model allows (narrow layers limit it)."""
+        depth = len(conv_indices(self.dense_spec))
+        while depth > 0:
+            try:
+                decouple(self.dense_spec, self.dense_spec.num_classes, depth)
+                return depth
+            except SpecError:
+                depth -= 1
+        return 0
 
     def aggregate_query(self, rnd: int, state: State, replies: dict[int, Update]) -> State:
         """Assign filters to classes from the summed statistics, permute, and decouple."""
@@ -180,7 +186,8 @@ class CAD(Strategy):
         if self.decoupling is None:
             convs = [self.dense_spec.names[i] for i in conv_indices(self.dense_spec)]
             chosen = suggest_depth([selectivity(means[n]) for n in convs], self.threshold)
-            self._set_depth(min(chosen, max(self._candidates)))
+            depth = min(chosen, self._deepest())
+            self.decoupling = decouple(self.dense_spec, self.dense_spec.num_classes, depth)
         dec, k = self.decoupling, self.decoupling.num_classes
         perms, layers = {}, {}
         for name, (per_class, spare) in dec.widths.items():
@@ -196,40 +203,32 @@ class CAD(Strategy):
             "round": rnd, "depth": dec.depth, "suggested_depth": chosen, "assignment": layers,
             "selectivity": {name: selectivity(m) for name, m in means.items()}}
         dense = permute_dense(dec, self.global_model(state)[1], perms)
-        local = {k_: v for k_, v in state.items() if k_.startswith(LOCAL_PREFIX)}
-        return {**to_decoupled(dec, dense), **spare_pool(dec, dense), **local}
+        self._enter_decoupled()
+        return {**to_decoupled(dec, dense), **spare_pool(dec, dense)}
 
-    def configure_train(self, rnd: int, state: State, device_ids: Sequence[int]
-                        ) -> dict[int, Payload]:
+    def configure_train(self, rnd: int, state: State, device_ids: Sequence[int]) -> Payloads:
         """Each participant gets the sub-model of its classes (the dense model in warm-up)."""
-        if not self.is_decoupled(state):
-            return self.dense.configure_train(rnd, state, device_ids)
+        if not self.decoupled:
+            yield from self.dense.configure_train(rnd, state, device_ids)
+            return
         _, weights = self.global_model(state)
-        out = {}
         for d in device_ids:
             spec, sub, _ = extract(self.decoupling, weights, self.device_classes(d))
-            out[d] = Payload(spec, self.with_local_stats(d, state, sub), self.device_config(rnd, d))
-        return out
+            yield d, self.payload(rnd, d, spec, sub)
 
-    def aggregate_train(self, rnd: int, state: State, updates: dict[int, Update]) -> State:
-        """Path-paired averaging: trunk over everyone, class c's path over c's holders."""
-        if not self.is_decoupled(state):
-            return self.dense.aggregate_train(rnd, state, updates)
-        _, weights = self.global_model(state)
-        contributions = []
-        for d in sorted(updates):
-            u, classes = updates[d], self.device_classes(d)
-            rows = index_map(self.decoupling, weights, classes)
-            counts = torch.tensor(u.class_counts, dtype=torch.float64)
-            row_weights = {k: counts[row_classes(self.decoupling, k, classes)] for k in rows}
-            contributions.append(Contribution(u.state, u.num_samples, rows, row_weights))
-        merged = aggregate(weights, contributions, self.robust)
-        kept = {k: v for k, v in state.items() if k not in weights}  # local stats, spare pool
-        return self.store_local_stats({**merged, **kept}, updates)
-
+    def contribution(self, state: State, device: int, update: Update) -> Contribution:
+        """Path-paired: the trunk weighted by the sample count, class c's rows by the class-c
+        count (the dense model in warm-up: FedAvg's)."""
+        if not self.decoupled:
+            return super().contribution(state, device, update)
+        classes = self.device_classes(device)
+        rows = index_map(self.decoupling, update.state, classes)
+        counts = torch.tensor(update.class_counts, dtype=torch.float64)
+        row_weights = {k: counts[row_classes(self.decoupling, k, classes)] for k in rows}
+        return Contribution(update.state, update.num_samples, rows, row_weights)
 
     def configure_evaluate(self, rnd: int, state: State, device_ids: Sequence[int]
-                           ) -> dict[int, Payload]:
+                           ) -> Payloads:
         """Each device scores the model it trains: its sub-model."""
         return self.configure_train(rnd, state, device_ids)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .payload import Payload, State, Update
-from .strategy import Strategy
+from .payload import State
+from .strategy import Payloads, Strategy, Updates
 
 POOLED = -1
 
@@ -20,12 +20,13 @@ class Central(Strategy):
     name = "central"
     communicates = False
 
-    def configure_train(self, rnd: int, state: State, device_ids: Sequence[int]
-                        ) -> dict[int, Payload]:
+    def configure_train(self, rnd: int, state: State, device_ids: Sequence[int]) -> Payloads:
         """One payload, for the pooled pseudo-device, whoever was sampled."""
-        _, weights = self.global_model(state)
-        return {POOLED: Payload(self.spec, weights, self.device_config(rnd, POOLED))}
+        yield POOLED, self.payload(rnd, POOLED, self.spec, state)
 
-    def aggregate_train(self, rnd: int, state: State, updates: dict[int, Update]) -> State:
+    def aggregate_train(self, rnd: int, state: State, updates: Updates) -> State:
         """The pooled model's weights become the global state."""
-        return dict(updates[POOLED].state)
+        out = dict(state)
+        for _, u in updates:
+            out.update(u.state)
+        return out

@@ -6,6 +6,7 @@ spec says which class each logit stands for, and samples of other classes are le
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -15,11 +16,13 @@ from torch import nn
 
 from ..analysis.preference import class_activation_sums
 from ..data.augment import random_crop_flip, to_float
-from ..models import ModelSpec, build_loaded, build_model
+from ..models import ModelSpec, build_model
 from .payload import TASKS, Payload, State, Update
 
 EVAL_BATCH = 1000
-_train_flops_cache: dict[str, int] = {}
+_train_flops_cache: dict[ModelSpec, int] = {}
+# Meta-device model of each spec seen, and its state's dtypes.
+_skeletons: dict[ModelSpec, tuple[nn.Module, dict[str, torch.dtype]]] = {}
 
 
 @dataclass
@@ -65,7 +68,20 @@ class DeviceData:
 
 def load_model(spec: ModelSpec, state: State, device: torch.device | str = "cpu") -> nn.Module:
     """The network of `spec` with `state` loaded on `device`, channels-last for speed."""
-    return build_loaded(spec, state, device).to(memory_format=torch.channels_last)
+    # Building a model, even on the meta device, runs its initialisers: milliseconds that a
+    # small model's whole local epoch can be worth. A copy of a cached meta-device skeleton
+    # takes the state's (copied) tensors as its own instead.
+    if spec not in _skeletons:
+        with torch.device("meta"):
+            skeleton = build_model(spec)
+        _skeletons[spec] = skeleton, {k: v.dtype for k, v in skeleton.state_dict().items()}
+    skeleton, dtypes = _skeletons[spec]
+    model = copy.deepcopy(skeleton)
+    own = {k: v.to(device=device, dtype=dtypes[k], copy=True,
+                   memory_format=torch.channels_last if v.dim() == 4 else torch.preserve_format)
+           for k, v in state.items()}
+    model.load_state_dict(own, assign=True)
+    return model
 
 
 def label_map(spec: ModelSpec, num_classes: int, device: torch.device | str = "cpu"
@@ -91,11 +107,10 @@ def train_flops_per_sample(spec: ModelSpec) -> int:
     """Forward + backward FLOPs of one training sample, counted by torch (cached per spec)."""
     from ..analysis.profile import train_flops
 
-    key = repr(spec.to_dict())
-    if key not in _train_flops_cache:
+    if spec not in _train_flops_cache:  # a spec is frozen and hashable: it is its own key
         batch = 2  # batch norm needs more than one value per channel in training mode
-        _train_flops_cache[key] = train_flops(build_model(spec), spec.input_shape, batch) // batch
-    return _train_flops_cache[key]
+        _train_flops_cache[spec] = train_flops(build_model(spec), spec.input_shape, batch) // batch
+    return _train_flops_cache[spec]
 
 
 def train_local(payload: Payload, data: DeviceData) -> Update:
@@ -108,17 +123,23 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
     function of its payload and data.
     """
     cfg = payload.config
-    x, y, global_y = own_samples(payload.spec, data)
+    # The rows `own_samples` picks, without gathering their images: each batch is gathered
+    # from the shared tensor and normalised on its own (the same values, less copying).
+    lut = label_map(payload.spec, data.num_classes, data.compute)
+    own = (lut[data.y] >= 0).nonzero().squeeze(1)
+    rows = own if data.index is None else data.index[own]
+    global_y = data.labels[rows]
+    y = lut[global_y]
     n, dev = len(y), data.compute
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         gen = torch.Generator(dev).manual_seed(cfg.seed)
         model = load_model(payload.spec, payload.state, dev).train()
-        xf = to_float(x, data.mean, data.std).contiguous(memory_format=torch.channels_last)
         params = list(model.parameters())
         anchor = [p.detach().clone() for p in params] if cfg.mu > 0 else None
+        # foreach: one fused update over all tensors (torch's default only on CUDA)
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
+                              weight_decay=cfg.weight_decay, foreach=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         steps = math.ceil(cfg.fraction * cfg.epochs * math.ceil(n / cfg.batch_size))
         seen = 0
@@ -129,7 +150,7 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
                     break
                 steps -= 1
                 idx = order[start:start + cfg.batch_size]
-                xb = xf[idx]
+                xb = to_float(data.images[rows[idx]], data.mean, data.std)
                 if cfg.augment:
                     xb = random_crop_flip(xb, data.crop_padding, data.flip, gen)
                 ce = F.cross_entropy(model(xb), y[idx])

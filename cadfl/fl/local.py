@@ -1,7 +1,9 @@
 """Local-only training: every device trains its own model alone and never shares it.
 
 The reference for "is federating worth it at all": each device's model is scored on the test
-images of its own classes. There is no global model, so `global_acc` is not defined.
+images of its own classes. There is no global model, so `global_acc` is not defined. The
+device keeps its model (`keep="*"`, all of it private); the cloud only holds the common
+initial weights, which a device starts from the first time it trains.
 """
 
 from __future__ import annotations
@@ -9,12 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..models import ModelSpec
-from .payload import Payload, State, Update
-from .strategy import Strategy
+from .payload import Payload, State
+from .strategy import Payloads, Strategy, Updates
 
-
-def _prefix(device: int) -> str:
-    return f"device/{device}/"
+EVERYTHING = ("*",)
 
 
 class Local(Strategy):
@@ -24,33 +24,27 @@ class Local(Strategy):
     context_from_global = False
     communicates = False
 
-    def initial_state(self, weights: State) -> State:
-        """One copy of the initial weights per device."""
-        return {_prefix(d) + k: v.clone() for d in sorted(self.devices) for k, v in weights.items()}
-
     def global_model(self, state: State) -> tuple[ModelSpec, State] | None:
         """Local training has no global model."""
         return None
 
-    def _own(self, state: State, device: int) -> State:
-        p = _prefix(device)
-        return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+    def payload(self, rnd: int, device: int, spec: ModelSpec, weights: State) -> Payload:
+        """The initial weights, which the device replaces by its own model where it has one."""
+        return Payload(spec, weights, self.device_config(rnd, device), keep=EVERYTHING,
+                       private=EVERYTHING)
 
-    def configure_train(self, rnd: int, state: State, device_ids: Sequence[int]
-                        ) -> dict[int, Payload]:
+    def configure_train(self, rnd: int, state: State, device_ids: Sequence[int]) -> Payloads:
         """Each participant continues from its own weights."""
-        return {d: Payload(self.spec, self._own(state, d), self.device_config(rnd, d))
-                for d in device_ids}
+        for d in device_ids:
+            yield d, self.payload(rnd, d, self.spec, state)
 
-    def aggregate_train(self, rnd: int, state: State, updates: dict[int, Update]) -> State:
-        """Nothing is averaged: each participant's weights replace its own copy."""
-        out = dict(state)
-        for d in sorted(updates):
-            out.update({_prefix(d) + k: v for k, v in updates[d].state.items()})
-        return out
+    def aggregate_train(self, rnd: int, state: State, updates: Updates) -> State:
+        """Nothing is averaged: the devices keep what they trained."""
+        for _ in updates:
+            pass
+        return state
 
     def configure_evaluate(self, rnd: int, state: State, device_ids: Sequence[int]
-                           ) -> dict[int, Payload]:
+                           ) -> Payloads:
         """Each device scores its own model."""
-        return {d: Payload(self.spec, self._own(state, d), self.device_config(rnd, d))
-                for d in device_ids}
+        return self.configure_train(rnd, state, device_ids)

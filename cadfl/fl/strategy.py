@@ -3,23 +3,33 @@
 A strategy turns a global state into per-device payloads (`configure_train`,
 `configure_evaluate`) and device updates back into a global state (`aggregate_train`). It
 holds no transport and no data: the simulation engine and the Flower adapter both drive it.
-The global state is a flat dict of tensors, so a checkpoint is one safetensors file.
+Payloads and updates flow as iterators, so a round never needs all of them in memory: the
+engine trains a device when the strategy's aggregation asks for its update. The global state
+is a flat dict of tensors, so a checkpoint is one safetensors file; what a strategy knows
+beyond its tensors (CAD's class paths) is its `structure`, saved beside it.
+
+What a device keeps between rounds (its batch-norm statistics, its own model, personal
+layers) is not in the global state: the payload names it (`Payload.keep`) and the device side
+keeps it (`cadfl.runtime.store`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..cad.grow import grow_dense
 from ..models import ModelSpec
-from .aggregate import MEAN, Robustness, is_bn_stat
+from .aggregate import BN_STATS, MEAN, Contribution, Robustness, aggregate
 from .payload import DeviceInfo, Payload, State, TrainConfig, Update
 
 BN_MODES = ("average", "keep_local")
-LOCAL_PREFIX = "local/"
+BN_STAT_KEYS = tuple(f"*.{name}" for name in BN_STATS)
+
+Updates = Iterable[tuple[int, Update]]
+Payloads = Iterator[tuple[int, Payload]]
 
 
 def device_seed(seed: int, rnd: int, device: int) -> int:
@@ -57,12 +67,21 @@ class Strategy(ABC):
 
     def global_model(self, state: State) -> tuple[ModelSpec, State] | None:
         """The cloud's model, scored on the whole test set (None if there is none)."""
-        return self.spec, {k: v for k, v in state.items() if not k.startswith(LOCAL_PREFIX)}
+        return self.spec, state
+
+    def structure(self) -> dict[str, Any]:
+        """What the strategy knows beyond its tensors (JSON-able), saved with every
+        checkpoint and given back to `restore` on resume. Default: nothing."""
+        return {}
+
+    def restore(self, structure: dict[str, Any]) -> None:
+        """Take up a saved `structure` (a resumed run). Default: nothing to take up."""
+        return None
 
     def add_classes(self, state: State, classes: Sequence[int], seed: int) -> State:
         """Register classes the model does not have yet (New Class): each gets a logit, drawn
         from `seed`, and every existing output stays as it was. Classes the model already has
-        are skipped, and a state that already holds the new rows (a resumed run) is kept."""
+        are skipped."""
         new = tuple(c for c in classes if c not in self.spec.class_ids)
         if not new:
             return state
@@ -77,14 +96,28 @@ class Strategy(ABC):
         """The training settings a device gets this round (its own seed)."""
         return replace(self.train, seed=device_seed(self.train.seed, rnd, device))
 
-    @abstractmethod
-    def configure_train(self, rnd: int, state: State, device_ids: Sequence[int]
-                        ) -> dict[int, Payload]:
-        """Payloads for this round's participants."""
+    def kept(self) -> tuple[str, ...]:
+        """State keys (glob patterns) every device keeps between rounds."""
+        return BN_STAT_KEYS if self.bn == "keep_local" else ()
+
+    def payload(self, rnd: int, device: int, spec: ModelSpec, weights: State) -> Payload:
+        """A training payload for `device` with this strategy's settings and kept tensors."""
+        return Payload(spec, weights, self.device_config(rnd, device), keep=self.kept())
 
     @abstractmethod
-    def aggregate_train(self, rnd: int, state: State, updates: dict[int, Update]) -> State:
-        """The next global state from this round's updates (device order: ascending id)."""
+    def configure_train(self, rnd: int, state: State, device_ids: Sequence[int]) -> Payloads:
+        """Payloads for this round's participants, produced one at a time."""
+
+    def contribution(self, state: State, device: int, update: Update) -> Contribution:
+        """How one update enters the average (default: every tensor whole, weighted by the
+        device's sample count)."""
+        return Contribution(update.state, update.num_samples)
+
+    def aggregate_train(self, rnd: int, state: State, updates: Updates) -> State:
+        """The next global state from this round's updates, folded in as they arrive
+        (device order: ascending id). Default: `aggregate` of every `contribution`."""
+        return aggregate(state, (self.contribution(state, d, u) for d, u in updates),
+                         self.robust)
 
     def configure_query(self, rnd: int, state: State, device_ids: Sequence[int]
                         ) -> dict[int, Payload]:
@@ -96,34 +129,11 @@ class Strategy(ABC):
         return state
 
     def configure_evaluate(self, rnd: int, state: State, device_ids: Sequence[int]
-                           ) -> dict[int, Payload]:
-        """The model each device scores on its own classes (default: the global model, with
-        the device's own batch-norm statistics when they are kept local)."""
+                           ) -> Payloads:
+        """The model each device scores on its own classes (default: the global model; the
+        device puts in what it keeps, e.g. its own batch-norm statistics)."""
         model = self.global_model(state)
         assert model is not None, "strategies without a global model override this"
         spec, weights = model
-        return {d: Payload(spec, self.with_local_stats(d, state, weights),
-                           self.device_config(rnd, d)) for d in device_ids}
-
-    # Batch-norm statistics kept on the device ("keep_local").
-
-    def with_local_stats(self, device: int, state: State, payload_state: State) -> State:
-        """The payload state with the device's own BN statistics where it kept them."""
-        if self.bn != "keep_local":
-            return payload_state
-        prefix = f"{LOCAL_PREFIX}{device}/"
-        out = dict(payload_state)
-        for key, t in payload_state.items():
-            mine = state.get(prefix + key)
-            if mine is not None and mine.shape == t.shape:
-                out[key] = mine
-        return out
-
-    def store_local_stats(self, state: State, updates: dict[int, Update]) -> State:
-        """Record each participant's BN statistics in the state (when keeping them local)."""
-        if self.bn != "keep_local":
-            return state
-        out = dict(state)
-        for d, u in updates.items():
-            out.update({f"{LOCAL_PREFIX}{d}/{k}": v for k, v in u.state.items() if is_bn_stat(k)})
-        return out
+        for d in device_ids:
+            yield d, self.payload(rnd, d, spec, weights)

@@ -24,7 +24,7 @@ def rejection(payload: Payload, update: Update, num_classes: int, max_samples: i
             isinstance(v, torch.Tensor) for v in update.state.values()):
         return "the update's state is not a dict of tensors"
     if payload.task == "train":
-        sent, got = set(payload.state), set(update.state)
+        sent, got = set(payload.returned_keys()), set(update.state)
         if sent != got:
             return (f"tensor names differ from the payload: missing {sorted(sent - got)[:3]}, "
                     f"unexpected {sorted(got - sent)[:3]}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -27,8 +27,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..fl.central import POOLED
 from ..fl.device import DeviceData, run_task
-from ..fl.payload import Payload, Update
-from ..sim.config import Config, load_config, require_static_contexts
+from ..fl.payload import Update
+from ..runtime import Job, Result
+from ..sim.config import Config, load_config, require_flower_support
 from ..sim.engine import run_experiment
 from .client_app import IDENTITY, PARTITION_ID
 from .codec import decode_update, encode_payload
@@ -94,7 +95,10 @@ class FlowerExecutor:
                               f"0..{self.cfg.devices - 1}")
         return nodes
 
-    def __call__(self, payloads: dict[int, Payload]) -> dict[int, Update]:
+    def __call__(self, jobs: Iterable[Job]) -> Iterator[Result]:
+        """Send the round's payloads to their nodes at once; yield the updates in device
+        order."""
+        payloads = dict(jobs)
         out: dict[int, Update] = {}
         remote = {d: p for d, p in payloads.items() if d != POOLED}
         if remote:
@@ -107,14 +111,15 @@ class FlowerExecutor:
             if self._pooled is None:
                 self._pooled = device_data(self.cfg, POOLED)
             out[POOLED] = run_task(payloads[POOLED], self._pooled)
-        return dict(sorted(out.items()))
+        for d in sorted(payloads):
+            yield d, payloads[d], out.get(d)
 
 
 def run_on_grid(grid: Grid, cfg: Config, out: Path, timeout: float = 600.0,
                 quiet: bool = True, on_round: Callable[[dict], None] | None = None,
                 resume: bool = False) -> list[dict]:
     """The whole experiment with its devices behind `grid`; writes the run directory."""
-    require_static_contexts(cfg, "Flower")
+    require_flower_support(cfg, "Flower")
     execute = FlowerExecutor(grid, cfg, timeout)
     return run_experiment(cfg, out, resume=resume, quiet=quiet, execute=execute,
                           on_round=on_round)

@@ -17,6 +17,8 @@ from typing import Any
 
 import tomli_w
 
+from ..runtime.compute import DEVICE_PATTERN
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -89,6 +91,18 @@ class CadConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """The generated `synthetic` dataset (dataset = "synthetic"): sizes and its own seed."""
+
+    images: int = 200_000  # training images (enough for 10,000 devices x 5 classes)
+    test_images: int = 2_000
+    classes: int = 10
+    channels: int = 1
+    size: int = 8  # images are size x size
+    seed: int = 0
+
+
+@dataclass
 class ContextChange:
     """From `round` on, `devices` (empty: every device) gain the classes `add` and lose the
     classes `remove`. A class whose first change on a device adds it counts as not yet seen
@@ -112,6 +126,13 @@ class Config:
     same share of every class). `bn` is "average" or "keep_local" (batch-norm statistics).
     `context` lists changes of devices' class sets over the rounds (`ContextChange`).
     A round with fewer than `min_devices` valid updates keeps the previous global state.
+
+    The runtime: `device` is where device models train and are scored ("auto": CUDA when
+    torch sees a GPU, else "cpu"; or "cpu", "cuda", "cuda:N"); `batch_devices` > 1 trains up
+    to that many same-shape device models at once; what devices keep between rounds stays in
+    memory up to `store_memory_mb` and spills to the run directory beyond; `eval_devices` > 0
+    scores per-device models (local, kept statistics) on a seeded sample of that many devices
+    per evaluation instead of all.
     """
 
     dataset: str = "digits"
@@ -137,6 +158,11 @@ class Config:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     context: list[ContextChange] = field(default_factory=list)
+    device: str = "auto"
+    batch_devices: int = 1
+    store_memory_mb: int = 512
+    eval_devices: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what is written to the run directory)."""
@@ -239,6 +265,13 @@ def validate(cfg: Config) -> Config:
         both = sorted(set(change.add) & set(change.remove))
         if both:
             raise ConfigError(f"context[{i}]: classes {both} are both added and removed")
+    if not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise ConfigError(f"device: unknown {cfg.device!r}; valid: auto, cpu, cuda, cuda:N")
+    _range("batch_devices", cfg.batch_devices, 1)
+    _range("store_memory_mb", cfg.store_memory_mb, 0)
+    _range("eval_devices", cfg.eval_devices, 0)
+    for name in ("images", "test_images", "classes", "channels", "size"):
+        _range(f"synthetic.{name}", getattr(cfg.synthetic, name), 1)
     _range("target_acc", cfg.target_acc, 0, 1)
     _range("data_fraction", cfg.data_fraction, 0, 1, low_open=True)
     _range("test_fraction", cfg.test_fraction, 0, 1, low_open=True)
@@ -275,15 +308,20 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def require_static_contexts(cfg: Config, engine: str) -> None:
-    """ConfigError if `cfg` uses context dynamics, which only cadfl's own engine runs so far
-    (a Flower node derives its data from the config once, not per round)."""
+def require_flower_support(cfg: Config, engine: str) -> None:
+    """ConfigError if `cfg` needs what only cadfl's own engine runs so far: context dynamics
+    (a Flower node derives its data from the config once, not per round), or devices that
+    keep state between rounds (`local`, `bn = "keep_local"`: Flower nodes do not keep it
+    yet)."""
     used = [name for name, on in (("context", cfg.context),
                                   ("partition.other_fraction", cfg.partition.other_fraction),
-                                  ("cad.others", cfg.cad.others)) if on]
+                                  ("cad.others", cfg.cad.others),
+                                  ("algorithm local", "local" in cfg.algorithms),
+                                  ("bn = keep_local", cfg.bn == "keep_local")) if on]
     if used:
-        raise ConfigError(f"{', '.join(used)}: context dynamics run in cadfl's own engine only, "
-                          f"not on {engine} yet; drop them or run without --engine flower")
+        raise ConfigError(f"{', '.join(used)}: context dynamics and device state kept between "
+                          f"rounds run in cadfl's own engine only, not on {engine} yet; drop "
+                          "them or run without --engine flower")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -28,6 +28,12 @@ class Schedule:
 
     def __post_init__(self) -> None:
         self.changes = sorted(self.changes, key=lambda ch: ch.round)
+        self._known: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+    def rounds_until(self, rnd: int) -> tuple[int, ...]:
+        """Round 1 and the rounds up to `rnd` in which some context changes: two rounds with
+        the same answer have the same contexts."""
+        return tuple(sorted({1} | {ch.round for ch in self.changes if ch.round <= rnd}))
 
     def targets(self, change: ContextChange) -> list[int]:
         """The devices a change applies to (all of them when it names none)."""
@@ -35,6 +41,8 @@ class Schedule:
 
     def context(self, device: int, rnd: int) -> tuple[int, ...]:
         """The classes device `device` trains on in round `rnd`, ascending."""
+        if not self.changes:
+            return tuple(sorted(self.held[device]))
         mine = [ch for ch in self.changes if device in self.targets(ch)]
         first: dict[int, str] = {}  # the first change of each class on this device
         for ch in mine:
@@ -49,13 +57,16 @@ class Schedule:
         return tuple(sorted(active))
 
     def model_classes(self, rnd: int) -> tuple[int, ...]:
-        """The classes the global model knows in round `rnd`, in order of registration."""
-        rounds = sorted({1} | {ch.round for ch in self.changes if ch.round <= rnd})
-        known: list[int] = []
-        for r in rounds:
-            seen = set().union(*(self.context(d, r) for d in range(len(self.held))))
-            known += sorted(seen - set(known))
-        return tuple(known)
+        """The classes the global model knows in round `rnd`, in order of registration
+        (computed once per distinct set of contexts)."""
+        rounds = self.rounds_until(rnd)
+        if rounds not in self._known:
+            known: list[int] = []
+            for r in rounds:
+                seen = set().union(*(self.context(d, r) for d in range(len(self.held))))
+                known += sorted(seen - set(known))
+            self._known[rounds] = tuple(known)
+        return self._known[rounds]
 
     def check(self) -> None:
         """ConfigError if a device is left with no class in some round."""

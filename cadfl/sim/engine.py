@@ -12,8 +12,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,25 +28,25 @@ from ..data.partition import Partition, make_partition, share_classes
 from ..fl import ALGORITHMS, Strategy
 from ..fl.aggregate import Robustness
 from ..fl.central import POOLED
-from ..fl.device import DeviceData, accuracy, label_map, predict, run_task
+from ..fl.device import DeviceData, accuracy, label_map, predict
 from ..fl.payload import DeviceInfo, Payload, State, TrainConfig, Update, state_bytes
 from ..fl.strategy import device_seed
 from ..fl.validate import rejection
 from ..models import ModelSpec, build_model, get_model
 from ..report.plots import plot_curves
 from ..report.summary import markdown_table, summarize
+from ..runtime import DeviceStore, Executor, Result, Runtime, resolve_device, to_compute
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
 from .context import Schedule, gains
 from .faults import with_faults
 
 log = logging.getLogger("cadfl")
-Executor = Callable[[dict[int, Payload]], dict[int, Update]]
-EVAL_KEYS = ("global_acc", "context_acc", "test_loss", "class_acc", "others_reject",
-             "others_in_acc")
-METRIC_KEYS = ("round", "algorithm", "global_acc", "context_acc", "test_loss", "train_loss",
-               "bytes_down", "bytes_up", "device_train_flops", "wall_s", "rejected",
-               "class_acc", "others_reject", "others_in_acc")
+EVAL_KEYS = ("global_acc", "context_acc", "eval_devices", "test_loss", "class_acc",
+             "others_reject", "others_in_acc")
+METRIC_KEYS = ("round", "algorithm", "global_acc", "context_acc", "eval_devices", "test_loss",
+               "train_loss", "bytes_down", "bytes_up", "device_train_flops", "wall_s",
+               "rejected", "class_acc", "others_reject", "others_in_acc")
 
 
 def set_threads() -> int:
@@ -97,10 +97,12 @@ def sample_devices(seed: int, rnd: int, num_devices: int, count: int) -> list[in
 class Experiment:
     """Everything the algorithms of one run share: data, partition, model and initial weights.
 
-    `devices` and `device_data` are those of the round being run (`enter_round`): with a
-    context schedule, a device's classes, and so its data, change over the rounds. `other` is
-    the label of out-of-context images ("Others", one past the dataset's classes) when the
-    run uses them; `others[d]` are device d's out-of-context images (dataset indices).
+    `devices` are those of the round being run (`enter_round`): with a context schedule, a
+    device's classes, and so its data, change over the rounds. A device's data (`data`) are
+    index views into the dataset's tensors on the compute device, made when the device is
+    first needed: a round's work grows with its participants, not with the number of devices.
+    `other` is the label of out-of-context images ("Others", one past the dataset's classes)
+    when the run uses them; `others[d]` are device d's out-of-context images (dataset indices).
     """
 
     cfg: Config
@@ -109,16 +111,24 @@ class Experiment:
     spec: ModelSpec
     init: State
     schedule: Schedule
+    compute: torch.device = field(default_factory=lambda: torch.device("cpu"))
     other: int | None = None
     others: dict[int, torch.Tensor] = field(default_factory=dict)
     devices: list[DeviceInfo] = field(default_factory=list)
-    device_data: dict[int, DeviceData] = field(default_factory=dict)
+    device_map: dict[int, DeviceInfo] = field(default_factory=dict)
+    _on_device: Dataset | None = field(default=None, repr=False)
+    _contexts: tuple[int, ...] = field(default=(), repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def setup(cls, cfg: Config, dataset: Dataset | None = None) -> Experiment:
         """Load the data, split it, and draw the initial weights from `cfg.seed`."""
-        ds = dataset or load_dataset(cfg.dataset, cfg.data_dir or None)
+        try:
+            compute = resolve_device(cfg.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        options = asdict(cfg.synthetic) if cfg.dataset == "synthetic" else {}
+        ds = dataset or load_dataset(cfg.dataset, cfg.data_dir or None, **options)
         if cfg.test_fraction < 1:
             test = subsample(ds.test_y, cfg.test_fraction, cfg.seed)
             ds = replace(ds, test_x=ds.test_x[test], test_y=ds.test_y[test])
@@ -144,7 +154,7 @@ class Experiment:
         other = ds.num_classes if cfg.cad.others or cfg.partition.other_fraction else None
         others = out_of_context(ds.train_y, kept, schedule.held, list(map(len, part.indices)),
                                 cfg.partition.other_fraction, cfg.seed)
-        exp = cls(cfg, ds, part, spec, init, schedule, other, others)
+        exp = cls(cfg, ds, part, spec, init, schedule, compute, other, others)
         exp.enter_round(1)
         return exp
 
@@ -153,38 +163,62 @@ class Experiment:
         """Number of labels devices count samples over: the classes, plus Others if used."""
         return self.dataset.num_classes + (self.other is not None)
 
+    @property
+    def on_device(self) -> Dataset:
+        """The dataset with its tensors on the compute device (moved there once)."""
+        if self._on_device is None:
+            self._on_device = to_compute(self.dataset, self.compute)
+        return self._on_device
+
     def enter_round(self, rnd: int) -> None:
-        """Set `devices` and `device_data` to round `rnd`'s contexts."""
-        ds, part = self.dataset, self.partition
-        self.devices, self.device_data, pooled, contexts = [], {}, [], []
+        """Set `devices` to round `rnd`'s contexts (recomputed only when they change)."""
+        contexts = self.schedule.rounds_until(rnd)
+        if self.devices and contexts == self._contexts:
+            return
+        self._contexts = contexts
+        part = self.partition
+        self.devices = []
         for d in range(part.num_devices):
-            ctx = self.schedule.context(d, rnd)
-            contexts.append(ctx)
+            ctx = set(self.schedule.context(d, rnd))
             counts = [n if c in ctx else 0 for c, n in enumerate(part.class_counts[d])]
             self.devices.append(DeviceInfo(d, tuple(counts)))
-            idx = torch.tensor(part.indices[d], dtype=torch.long)
-            idx = idx[torch.isin(ds.train_y[idx], torch.tensor(ctx))]
-            pooled.append(idx)
-            key = (d, ctx)
-            if key not in self._cache:
-                self._cache[key] = self.data_of(ds, idx, self.others.get(d), self.other)
-            self.device_data[d] = self._cache[key]
-        key = (POOLED, tuple(contexts))
+        self.device_map = {d.id: d for d in self.devices}
+
+    def data(self, device: int) -> DeviceData:
+        """A device's data in the current round (`POOLED`: every device's, for `central`)."""
+        classes = self.devices[device].classes if device != POOLED else self._contexts
+        key = (device, classes)
         if key not in self._cache:
-            self._cache[key] = self.data_of(ds, torch.cat(pooled).sort().values, None, self.other)
-        self.device_data[POOLED] = self._cache[key]
+            self._cache[key] = self.data_of(self.on_device, self._indices(device),
+                                            self.others.get(device), self.other)
+        return self._cache[key]
+
+    def _indices(self, device: int) -> torch.Tensor:
+        """Dataset indices of the device's in-context training images (all devices' for
+        `POOLED`), sorted."""
+        if device == POOLED:
+            return torch.cat([self._indices(d) for d in range(len(self.devices))]).sort().values
+        idx = torch.tensor(self.partition.indices[device], dtype=torch.long)
+        return idx[torch.isin(self.dataset.train_y[idx],
+                              torch.tensor(self.devices[device].classes))]
 
     @staticmethod
     def data_of(ds: Dataset, idx: torch.Tensor, other_idx: torch.Tensor | None = None,
                 other: int | None = None) -> DeviceData:
-        """The training samples `idx` of `ds` as one device's data; with `other_idx`, those
-        images too, labelled `other` (out-of-context images)."""
-        x, y = ds.train_x[idx], ds.train_y[idx]
-        if other_idx is not None and len(other_idx):
-            x = torch.cat([x, ds.train_x[other_idx]])
-            y = torch.cat([y, torch.full((len(other_idx),), other, dtype=torch.long)])
+        """The training samples `idx` of `ds` as one device's data (a view: `ds`'s tensors
+        and an index); with `other_idx`, those images too, labelled `other`
+        (out-of-context images)."""
         space = ds.num_classes + (other is not None)
-        return DeviceData(x, y, space, ds.mean, ds.std, ds.crop_padding, ds.flip)
+        x, y = ds.train_x, ds.train_y
+        idx = idx.to(y.device)
+        if other_idx is not None and len(other_idx):
+            # Out-of-context images carry another label than in the dataset: a copy of them.
+            o = other_idx.to(y.device)
+            x = torch.cat([x[idx], x[o]])
+            y = torch.cat([y[idx], torch.full((len(o),), other, dtype=torch.long,
+                                               device=y.device)])
+            return DeviceData(x, y, space, ds.mean, ds.std, ds.crop_padding, ds.flip)
+        return DeviceData(x, y, space, ds.mean, ds.std, ds.crop_padding, ds.flip, index=idx)
 
     def train_config(self) -> TrainConfig:
         """The base device training settings of this config."""
@@ -206,105 +240,162 @@ class Experiment:
         return ALGORITHMS[name](self.spec, self.train_config(), self.devices, bn=cfg.bn,
                                 robust=robust, **options.get(name, {}))
 
-    def run_here(self, payloads: dict[int, Payload]) -> dict[int, Update]:
-        """Execute payloads in this process, one device after another (ascending id)."""
-        return {d: run_task(p, self.device_data[d]) for d, p in sorted(payloads.items())}
+    def runtime(self, store_dir: Path | None = None) -> Runtime:
+        """The device side for one algorithm: this experiment's data, and a store of what
+        devices keep (spilled to `store_dir` past the memory budget)."""
+        store = DeviceStore(store_dir, self.cfg.store_memory_mb << 20)
+        return Runtime(self.data, store, self.cfg.batch_devices)
 
-    def screen(self, rnd: int, payloads: dict[int, Payload], answers: dict[int, Update]
-               ) -> tuple[dict[int, Update], int]:
-        """The valid answers, and how many payloads got none or an invalid one (logged with
-        the device and the reason)."""
-        valid, rejected = {}, 0
-        for d, p in sorted(payloads.items()):
-            u = answers.get(d)
+    def screen(self, rnd: int, results: Iterable[Result], tally: Tally
+               ) -> Iterator[tuple[int, Update]]:
+        """The valid answers, as they arrive; a payload with no answer or an invalid one is
+        logged with the device and the reason, and counted in `tally`."""
+        for d, p, u in results:
+            tally.sent(p)
             reason = "no answer" if u is None else rejection(
-                p, u, self.label_space, len(self.device_data[d].y))
+                p, u, self.label_space, len(self.data(d)))
             if reason:
                 log.warning("round %d: update of device %d rejected: %s", rnd, d, reason)
-                rejected += 1
+                tally.rejected += 1
             else:
-                valid[d] = u
-        return valid, rejected
+                tally.received(u)
+                yield d, u
 
     def train_round(self, strategy: Strategy, rnd: int, state: State,
                     execute: Executor | None = None) -> tuple[State, dict[str, float]]:
         """One round: configure, train every participant, aggregate; returns the new state.
 
-        `execute` runs payloads on their devices and returns the updates (default: here, in
-        this process; the Flower adapter sends them to Flower nodes instead).
+        Payloads are made, trained and folded into the aggregate one device (or one batch of
+        devices) at a time. `execute` runs payloads on their devices and yields the updates
+        (default: a fresh in-process runtime; the engine passes its own, and the Flower
+        adapter one that sends them to Flower nodes).
         """
         cfg = self.cfg
         start = time.perf_counter()
         self.enter_round(rnd)
-        strategy.devices = {d.id: d for d in self.devices}
+        strategy.devices = self.device_map
         state = strategy.add_classes(state, self.schedule.model_classes(rnd),
                                      device_seed(cfg.seed, rnd, -2))
         ids = sample_devices(cfg.seed, rnd, cfg.devices, cfg.sampled_per_round())
-        execute = with_faults(execute or self.run_here, cfg.faults, cfg.seed, rnd)
+        execute = with_faults(execute or self.runtime(), cfg.faults, cfg.seed, rnd)
+        tally = Tally()
         queries = strategy.configure_query(rnd, state, [d.id for d in self.devices])
-        replies, rejected_q = self.screen(rnd, queries, execute(queries) if queries else {})
-        if replies:
-            state = strategy.aggregate_query(rnd, state, replies)
-        payloads = strategy.configure_train(rnd, state, ids)
-        updates, rejected = self.screen(rnd, payloads, execute(payloads))
-        if len(updates) >= min(cfg.min_devices, len(payloads)):
-            state = strategy.aggregate_train(rnd, state, updates)
+        if queries:
+            replies = dict(self.screen(rnd, execute(sorted(queries.items())), tally))
+            if replies:
+                state = strategy.aggregate_query(rnd, state, replies)
+        tally.start_training()
+        updates = self.screen(rnd, execute(strategy.configure_train(rnd, state, ids)), tally)
+        merged = strategy.aggregate_train(rnd, state, updates)
+        for _ in updates:  # a strategy that stopped early still trains every participant
+            pass
+        if tally.valid >= min(cfg.min_devices, tally.payloads):
+            state = merged
         else:
             log.warning("round %d: %d valid update(s), fewer than min_devices=%d: the global "
-                        "state is kept", rnd, len(updates), cfg.min_devices)
-        n = max(1, len(updates))
-        comm = strategy.communicates
-        # Statistics queries are traffic too: spread over this round's participants.
-        down = [p.state for p in [*queries.values(), *payloads.values()]]
-        up = [u.state for u in [*replies.values(), *updates.values()]]
-        stats = {
-            "train_loss": sum(u.metrics["train_loss"] * u.num_samples for u in updates.values())
-            / max(1, sum(u.num_samples for u in updates.values())),
-            "bytes_down": sum(map(state_bytes, down)) / n if comm else 0,
-            "bytes_up": sum(map(state_bytes, up)) / n if comm else 0,
-            "device_train_flops": sum(u.metrics["train_flops"] for u in updates.values()) / n,
-            "rejected": rejected + rejected_q,
-            "wall_s": time.perf_counter() - start,
-        }
-        return state, stats
+                        "state is kept", rnd, tally.valid, cfg.min_devices)
+        return state, tally.stats(strategy.communicates, time.perf_counter() - start)
 
-    def evaluate(self, strategy: Strategy, rnd: int, state: State) -> dict[str, float | None]:
+    def evaluation_devices(self, rnd: int) -> list[int]:
+        """The devices whose own models are scored: all, or a seeded sample of
+        `eval_devices` of them."""
+        n = len(self.devices)
+        if not self.cfg.eval_devices or self.cfg.eval_devices >= n:
+            return list(range(n))
+        rng = np.random.default_rng([self.cfg.seed, rnd, 0xE7A1])
+        return sorted(rng.choice(n, size=self.cfg.eval_devices, replace=False).tolist())
+
+    def evaluate(self, strategy: Strategy, rnd: int, state: State,
+                 runtime: Runtime | None = None) -> dict[str, float | None]:
         """Scores of round `rnd` (keys `EVAL_KEYS`).
 
         Of the cloud's model: global_acc, class_acc (per class) and test_loss, the argmax over
-        its classes without Others (a class it does not know yet counts as wrong). Over ALL
-        devices: context_acc, each device's accuracy within its own classes; with an Others
-        output, others_reject (share of out-of-context test images a device answers "Others")
-        and others_in_acc (accuracy on its own classes with "Others" among the answers).
+        its classes without Others (a class it does not know yet counts as wrong). Over the
+        devices: context_acc, each device's accuracy within its own classes (`eval_devices`:
+        how many were scored); with an Others output, others_reject (share of out-of-context
+        test images a device answers "Others") and others_in_acc (accuracy on its own classes
+        with "Others" among the answers). When every device's model is the global one
+        restricted to its classes, one pass of the global model scores all devices;
+        otherwise each sampled device's own model (with what it keeps) is run.
         """
-        ds = self.dataset
+        ds, test_x = self.dataset, self.on_device.test_x
+        runtime = runtime or self.runtime()
         out: dict = dict.fromkeys(EVAL_KEYS)
         model = strategy.global_model(state)
         logits = None
         if model is not None:
             spec, weights = model
-            logits = predict(spec, weights, ds.test_x, ds.mean, ds.std)
+            logits = predict(spec, weights, test_x, ds.mean, ds.std)
             out.update(global_scores(logits, ds.test_y, spec, self.other, ds.num_classes))
         scores = []
         if logits is not None and strategy.device_model_is_global():
-            # One pass of the global model scores every device: restrict the argmax per device.
-            scores = [context_scores(logits, ds.test_y, spec, d.classes, self.other)
-                      for d in self.devices]
+            # One pass of the global model scores every device: restrict the argmax per
+            # device, once per distinct class set.
+            by_classes: dict[tuple[int, ...], tuple[float, float, float]] = {}
+            for d in self.devices:
+                if d.classes not in by_classes:
+                    by_classes[d.classes] = context_scores(logits, ds.test_y, spec, d.classes,
+                                                           self.other)
+                scores.append(by_classes[d.classes])
         else:
-            ids = [d.id for d in self.devices]
-            for d, p in sorted(strategy.configure_evaluate(rnd, state, ids).items()):
+            ids = self.evaluation_devices(rnd)
+            for d, p in strategy.configure_evaluate(rnd, state, ids):
                 classes = self.devices[d].classes
                 mask = torch.isin(ds.test_y, torch.tensor(classes))
                 if self.other in p.spec.class_ids:  # rejection needs the other images too
                     mask[:] = True
-                lg = predict(p.spec, p.state, ds.test_x[mask], ds.mean, ds.std)
+                lg = predict(p.spec, runtime.own_state(d, p), test_x[mask.to(test_x.device)],
+                             ds.mean, ds.std)
                 scores.append(context_scores(lg, ds.test_y[mask], p.spec, classes, self.other))
         acc, reject, inside = zip(*scores, strict=True)
         out["context_acc"] = float(np.nanmean(acc))
+        out["eval_devices"] = len(scores)
         if not all(math.isnan(r) for r in reject):
             out["others_reject"] = float(np.nanmean(reject))
             out["others_in_acc"] = float(np.nanmean(inside))
         return out
+
+
+class Tally:
+    """What a round sent and received: bytes, losses, FLOPs and rejections.
+
+    Bytes are per device that was sent a payload (statistics queries count as traffic of the
+    round); losses and FLOPs are over the valid updates.
+    """
+
+    def __init__(self) -> None:
+        self.payloads = self.valid = self.rejected = 0
+        self.bytes_down = self.bytes_up = 0
+        self.samples = 0
+        self.loss_sum = self.flops = 0.0
+        self._training = False
+
+    def start_training(self) -> None:
+        """From now on payloads are training payloads (before: statistics queries)."""
+        self._training = True
+
+    def sent(self, payload: Payload) -> None:
+        """Count a payload that went to a device."""
+        self.bytes_down += state_bytes(payload.state)
+        self.payloads += self._training
+
+    def received(self, update: Update) -> None:
+        """Count a valid answer."""
+        self.bytes_up += state_bytes(update.state)
+        if self._training:
+            self.valid += 1
+            self.samples += update.num_samples
+            self.loss_sum += update.metrics["train_loss"] * update.num_samples
+            self.flops += update.metrics["train_flops"]
+
+    def stats(self, communicates: bool, wall_s: float) -> dict[str, float]:
+        """The round's metric values."""
+        sent = max(1, self.payloads)
+        return {"train_loss": self.loss_sum / max(1, self.samples),
+                "bytes_down": self.bytes_down / sent if communicates else 0,
+                "bytes_up": self.bytes_up / sent if communicates else 0,
+                "device_train_flops": self.flops / max(1, self.valid),
+                "rejected": self.rejected, "wall_s": wall_s}
 
 
 def global_scores(logits: torch.Tensor, y: torch.Tensor, spec: ModelSpec, other: int | None,
@@ -404,25 +495,31 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
     lines = list(kept)
     for a in cfg.algorithms:
         strategy = exp.strategy(a)
+        runtime = exp.runtime(out / "devices" / a)
         state = strategy.initial_state(exp.init)
         if done.get(a):
-            state = load_checkpoint(ckpt_dir, a)[0]
+            state, record = load_checkpoint(ckpt_dir, a)
+            strategy.restore(record.get("structure") or {})
+        runtime.store.resume(done.get(a, 0))
         bar = tqdm(range(done.get(a, 0) + 1, cfg.rounds + 1), desc=f"{a:>8}", unit="round",
                    disable=quiet, initial=done.get(a, 0), total=cfg.rounds)
         for rnd in bar:
-            state, stats = exp.train_round(strategy, rnd, state, execute)
+            runtime.store.round = rnd
+            state, stats = exp.train_round(strategy, rnd, state, execute or runtime)
             evals = None
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-                evals = exp.evaluate(strategy, rnd, state)
+                evals = exp.evaluate(strategy, rnd, state, runtime)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in evals.items()
                                  if k.endswith("acc") and isinstance(v, float)})
             line = _round_line(a, rnd, stats, evals)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
             model = strategy.global_model(state)
+            runtime.store.flush(rnd)
             save_checkpoint(ckpt_dir, a, state, {
                 "algorithm": a, "round": rnd, "dataset": cfg.dataset,
-                "spec": model[0].to_dict() if model else None})
+                "spec": model[0].to_dict() if model else None,
+                "structure": strategy.structure()})
             if strategy.notes:
                 (out / f"notes-{a}.json").write_text(json.dumps(strategy.notes, indent=1))
             lines.append(line)

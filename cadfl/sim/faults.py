@@ -7,16 +7,15 @@ without, and exercises the update validation (`cadfl.fl.validate`) the same way 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 import numpy as np
 import torch
 
 from ..fl.payload import Payload, Update
+from ..runtime import Executor, Job, Result
 from .config import FaultsConfig
-
-Executor = Callable[[dict[int, Payload]], dict[int, Update]]
 
 
 def corrupt(update: Update, rng: np.random.Generator) -> Update:
@@ -46,23 +45,21 @@ def with_faults(execute: Executor, faults: FaultsConfig, seed: int, rnd: int) ->
     if not (faults.dropout or faults.straggler or faults.corrupt or faults.byzantine):
         return execute
 
-    def run(payloads: dict[int, Payload]) -> dict[int, Update]:
-        draws = {d: np.random.default_rng([seed, rnd, d, 0xFA17]) for d in payloads}
-        sent = {}
-        for d, p in sorted(payloads.items()):
-            dropout, straggler, fraction = draws[d].random(3)
+    def run(jobs: Iterable[Job]) -> Iterator[Result]:
+        for d, p in jobs:
+            draw = np.random.default_rng([seed, rnd, d, 0xFA17])
+            dropout, straggler, fraction = draw.random(3)
             if dropout < faults.dropout:
-                continue  # never answers
+                yield d, p, None  # never answers
+                continue
             if straggler < faults.straggler and p.task == "train":
                 p = replace(p, config=replace(p.config, fraction=fraction))
-            sent[d] = p
-        answers = execute(sent)
-        out = {}
-        for d, u in answers.items():
-            bad, hostile = draws[d].random(2)
-            if hostile < faults.byzantine and sent[d].task == "train":
-                u = byzantine(sent[d], u, draws[d])
-            out[d] = corrupt(u, draws[d]) if bad < faults.corrupt else u
-        return out
+            for _, sent, u in execute([(d, p)]):
+                bad, hostile = draw.random(2)
+                if u is not None and hostile < faults.byzantine and sent.task == "train":
+                    u = byzantine(sent, u, draw)
+                if u is not None and bad < faults.corrupt:
+                    u = corrupt(u, draw)
+                yield d, sent, u
 
     return run

@@ -1,0 +1,92 @@
+"""The runtime: payloads in, updates out, on this process's compute device.
+
+The `Runtime` is the device side of the simulation. For each job (device id, payload) it
+puts the device's kept tensors into the payload, runs the payload's task on the device's data,
+stores what the device keeps and drops what it keeps private from the update. Jobs arrive as
+an iterator and results leave as one, so a round never holds more than a few payloads and
+updates at once, however many devices take part. With `batch_devices` > 1, up to that many
+consecutive jobs whose models have the same shape are trained together (`batched.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from itertools import islice
+
+from ..fl.device import DeviceData, run_task
+from ..fl.payload import Payload, State, Update
+from .store import DeviceStore, kept_entries, with_kept
+
+Job = tuple[int, Payload]
+Result = tuple[int, Payload, Update | None]
+Executor = Callable[[Iterable[Job]], Iterator[Result]]
+
+
+class Runtime:
+    """Runs jobs one after another (or in same-shape batches) on local data.
+
+    `data_of(d)` gives device d's data (on the compute device); `store` keeps what devices
+    keep between rounds.
+    """
+
+    def __init__(self, data_of: Callable[[int], DeviceData], store: DeviceStore | None = None,
+                 batch_devices: int = 1) -> None:
+        self.data_of = data_of
+        self.store = store if store is not None else DeviceStore()
+        self.batch_devices = batch_devices
+
+    def own_state(self, device: int, payload: Payload) -> State:
+        """The payload's state as the device holds it: its kept tensors in place."""
+        if not payload.keep:
+            return payload.state
+        return with_kept(payload.spec, payload.state, payload.keep, self.store.get(device))
+
+    def prepare(self, device: int, payload: Payload) -> Payload:
+        """The payload the device actually trains: with its own kept tensors."""
+        return replace(payload, state=self.own_state(device, payload))
+
+    def finish(self, device: int, payload: Payload, update: Update) -> Update:
+        """Store what the device keeps; return the update without its private tensors."""
+        if payload.task != "train" or not payload.keep:
+            return update
+        self.store.put(device, kept_entries(payload.spec, update.state, payload.keep))
+        if not payload.private:
+            return update
+        shared = set(payload.returned_keys())
+        return replace(update, state={k: v for k, v in update.state.items() if k in shared})
+
+    def run(self, device: int, payload: Payload) -> Update:
+        """One job, start to end."""
+        prepared = self.prepare(device, payload)
+        return self.finish(device, prepared, run_task(prepared, self.data_of(device)))
+
+    def __call__(self, jobs: Iterable[Job]) -> Iterator[Result]:
+        """Results in job order, produced as the jobs are pulled."""
+        jobs = iter(jobs)
+        if self.batch_devices <= 1:
+            for device, payload in jobs:
+                yield device, payload, self.run(device, payload)
+            return
+        while window := list(islice(jobs, self.batch_devices)):
+            yield from self._run_window(window)
+
+    def _run_window(self, window: list[Job]) -> Iterator[Result]:
+        from .batched import batch_key, train_batched
+
+        prepared = [(d, self.prepare(d, p)) for d, p in window]
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, p) in enumerate(prepared):
+            key = batch_key(p)
+            groups.setdefault(("single", i) if key is None else key, []).append(i)
+        updates: dict[int, Update] = {}
+        for members in groups.values():
+            if len(members) == 1:
+                d, p = prepared[members[0]]
+                updates[members[0]] = run_task(p, self.data_of(d))
+                continue
+            trained = train_batched([(prepared[i][1], self.data_of(prepared[i][0]))
+                                     for i in members])
+            updates.update(zip(members, trained, strict=True))
+        for i, (d, payload) in enumerate(window):
+            yield d, payload, self.finish(d, prepared[i][1], updates[i])
