@@ -1,0 +1,155 @@
+"""The device runtime in the engine: compute device, streaming rounds, explicit structure,
+bytes per device, sampled evaluation, and the synthetic dataset for scale."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+import cadfl.models.spec
+from cadfl.data.datasets import load_dataset
+from cadfl.runtime import resolve_device
+from cadfl.sim.checkpoint import load_checkpoint
+from cadfl.sim.config import ConfigError, load_config
+from cadfl.sim.engine import Experiment, run_experiment
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def small(*overrides: str):
+    return load_config(None, ["devices=4", "rounds=3", "data_fraction=0.5",
+                              'algorithms=["cad", "fedavg"]', *overrides])
+
+
+def lines_of(out: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(s).items() if k != "wall_s"}
+            for s in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_device_auto_is_the_cpu_here_and_gives_identical_metrics(tmp_path, digits):
+    if torch.cuda.is_available():
+        pytest.skip("auto means CUDA on this machine")
+    assert resolve_device("auto") == torch.device("cpu")
+    run_experiment(small("device=\"cpu\""), tmp_path / "cpu", quiet=True, dataset=digits)
+    run_experiment(small("device=\"auto\""), tmp_path / "auto", quiet=True, dataset=digits)
+    assert lines_of(tmp_path / "cpu") == lines_of(tmp_path / "auto")
+
+
+def test_a_device_that_is_not_here_stops_before_any_work():
+    with pytest.raises(ConfigError, match="device: unknown 'gpu'"):
+        load_config(None, ['device="gpu"'])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="torch sees 0 CUDA GPU"):
+            Experiment.setup(load_config(None, ['device="cuda:0"']))
+
+
+@CUDA
+def test_cuda_runs_land_within_noise_of_the_cpu_run(tmp_path, digits):
+    cfg = ["rounds=5", "devices=4"]
+    run_experiment(small(*cfg, 'device="cpu"'), tmp_path / "cpu", quiet=True, dataset=digits)
+    run_experiment(small(*cfg, 'device="cuda"'), tmp_path / "gpu", quiet=True, dataset=digits)
+    cpu, gpu = lines_of(tmp_path / "cpu"), lines_of(tmp_path / "gpu")
+    for a, b in zip(cpu, gpu, strict=True):
+        assert a["bytes_down"] == b["bytes_down"] and a["device_train_flops"] == \
+            b["device_train_flops"]
+    for algo in ("cad", "fedavg"):
+        last = [m for m in cpu if m["algorithm"] == algo][-1]["global_acc"]
+        last_gpu = [m for m in gpu if m["algorithm"] == algo][-1]["global_acc"]
+        assert abs(last - last_gpu) < 0.05, (algo, last, last_gpu)
+
+
+def test_a_round_holds_one_update_at_a_time(digits):
+    exp = Experiment.setup(small("devices=6"), digits)
+    strategy, runtime = exp.strategy("cad"), exp.runtime()
+    alive: list[weakref.ref] = []
+    most = 0
+
+    def execute(jobs):
+        nonlocal most
+        for d, p, u in runtime(jobs):
+            gc.collect()
+            most = max(most, sum(r() is not None for r in alive))
+            alive.append(weakref.ref(u))
+            yield d, p, u
+
+    exp.train_round(strategy, 1, strategy.initial_state(exp.init), execute)
+    assert len(alive) == 6
+    assert most <= 1  # every earlier update was folded in and freed before the next trained
+
+
+def test_bytes_per_device_count_every_device_sent_a_payload(tmp_path, digits):
+    cfg = small("faults.dropout=0.5", "rounds=2", 'algorithms=["fedavg"]')
+    lines = run_experiment(cfg, tmp_path, quiet=True, dataset=digits)
+    exp = Experiment.setup(cfg, digits)
+    model_bytes = sum(t.numel() * t.element_size() for t in exp.init.values())
+    assert sum(m["rejected"] for m in lines) > 0  # some devices dropped out
+    for m in lines:
+        assert m["bytes_down"] == model_bytes  # not inflated by the devices that dropped
+
+
+def test_eval_devices_scores_a_seeded_sample_of_device_models(tmp_path, digits):
+    cfg = small('algorithms=["local"]', "devices=6", "eval_devices=2", "rounds=2")
+    lines = run_experiment(cfg, tmp_path, quiet=True, dataset=digits)
+    assert [m["eval_devices"] for m in lines] == [2, 2]
+    exp = Experiment.setup(cfg, digits)
+    assert exp.evaluation_devices(2) == exp.evaluation_devices(2)
+    assert len(set(exp.evaluation_devices(2))) == 2
+
+
+def test_resume_reads_cads_structure_from_the_checkpoint(tmp_path, digits, monkeypatch):
+    cfg = small('algorithms=["cad"]', "rounds=4", 'cad.assign="activation"',
+                "cad.warmup_rounds=1", 'cad.depth="auto"', "cad.selectivity_threshold=0.2")
+    run_experiment(cfg, tmp_path / "ref", quiet=True, dataset=digits)
+
+    def stop(line):
+        if line["round"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_experiment(cfg, tmp_path / "run", quiet=True, dataset=digits, on_round=stop)
+    record = load_checkpoint(tmp_path / "run" / "checkpoints", "cad")[1]
+    assert record["structure"]["decoupled"] and record["structure"]["decoupling"]["depth"] >= 0
+
+    # Shapes now say nothing true: a resume that inferred the structure from them would fail.
+    monkeypatch.setattr(cadfl.models.spec, "state_shapes",
+                        lambda spec: {"conv1.weight": torch.Size([1])})
+    run_experiment(cfg, tmp_path / "run", resume=True, quiet=True, dataset=digits)
+    assert lines_of(tmp_path / "run") == lines_of(tmp_path / "ref")
+
+
+def test_synthetic_data_are_seeded_learnable_and_sized_as_asked():
+    a = load_dataset("synthetic", images=500, test_images=50, classes=4, channels=3, size=16)
+    b = load_dataset("synthetic", images=500, test_images=50, classes=4, channels=3, size=16)
+    assert a.train_x.shape == (500, 3, 16, 16) and a.test_x.shape == (50, 3, 16, 16)
+    assert torch.equal(a.train_x, b.train_x) and a.num_classes == 4
+    assert torch.bincount(a.train_y).tolist() == [125] * 4
+    # Nearest class mean separates the classes: there is something to learn.
+    means = torch.stack([a.train_x[a.train_y == c].float().mean(0) for c in range(4)])
+    dist = ((a.test_x.float()[:, None] - means[None]) ** 2).flatten(2).sum(2)
+    assert (dist.argmin(1) == a.test_y).float().mean() > 0.9
+    other = load_dataset("synthetic", images=500, test_images=50, classes=4, channels=3,
+                         size=16, seed=1)
+    assert not torch.equal(a.train_x, other.train_x)
+
+
+def test_a_thousand_devices_on_the_synthetic_defaults_run(tmp_path):
+    cfg = load_config(None, ['dataset="synthetic"', "devices=1000", "sample=10", "rounds=2",
+                             'algorithms=["cad", "fedavg", "local"]', "eval_devices=20",
+                             "synthetic.images=20000"])
+    lines = run_experiment(cfg, tmp_path, quiet=True)
+    assert len(lines) == 6
+    by = {m["algorithm"]: m for m in lines if m["round"] == 2}
+    assert by["local"]["eval_devices"] == 20 and by["fedavg"]["eval_devices"] == 1000
+    assert 0 <= by["fedavg"]["global_acc"] <= 1 and by["cad"]["bytes_down"] > 0
+    # Local models of the devices that trained are on disk or in memory, nothing else.
+    assert len(list((tmp_path / "devices" / "local").glob("*.safetensors"))) <= 20
