@@ -7,6 +7,10 @@ FLOP rate (forward + backward FLOPs counted by torch, per second) is set against
 float32 matrix-multiply rate measured in the same run. Runs alternate (bare, cadfl, bare, ...)
 and medians are reported, because a shared machine is noisy.
 
+For the small models (lenet5, digits_cnn, fl_cnn) one more row trains `--devices` same-shape
+device models (each its own weights, seed and samples) with `train_batched` at once, against
+the bare loop training them one after another on the same data with the same augmentation.
+
     .venv/bin/python benchmarks/throughput.py --models alexnet vgg16 --samples 256
 """
 
@@ -22,11 +26,14 @@ from engine_overhead import bare_train, synthetic_dataset
 from cadfl.cad.decouple import decouple
 from cadfl.cad.submodel import extract
 from cadfl.data.augment import to_float
+from cadfl.data.datasets import Dataset
 from cadfl.fl.device import DeviceData, train_flops_per_sample, train_local
 from cadfl.fl.payload import Payload, TrainConfig
 from cadfl.models import MODELS, ModelSpec, build_loaded, build_model, get_model
+from cadfl.runtime.batched import train_batched
 
-DEPTH = {"lenet5": 0, "alexnet": 2, "vgg11": 2, "vgg16": 3, "digits_cnn": 1}
+DEPTH = {"lenet5": 0, "alexnet": 2, "vgg11": 2, "vgg16": 3, "digits_cnn": 1, "fl_cnn": 1}
+BATCHED = ("lenet5", "digits_cnn", "fl_cnn")  # small models: a batched-devices row each
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -63,6 +70,37 @@ def measure(spec: ModelSpec, state: dict, data: DeviceData, cfg: TrainConfig, re
     return statistics.median(bare), statistics.median(ours)
 
 
+def measure_batched(spec: ModelSpec, ds: Dataset, cfg: TrainConfig, devices: int, samples: int,
+                    repeats: int) -> tuple[float, float]:
+    """Median seconds of one local epoch of `devices` devices of `samples` images each:
+    (bare loop device after device, `train_batched` of all)."""
+    jobs, bare_jobs = [], []
+    for d in range(devices):
+        torch.manual_seed(d)
+        state = build_model(spec).state_dict()
+        index = torch.arange(d * samples, (d + 1) * samples)
+        data = DeviceData(ds.train_x, ds.train_y, 10, ds.mean, ds.std, ds.crop_padding, ds.flip,
+                          index)
+        payload = Payload(spec, state, TrainConfig(**{**cfg.to_dict(), "seed": d}))
+        jobs.append((payload, data))
+        xf = to_float(data.x, data.mean, data.std).contiguous(memory_format=torch.channels_last)
+        model = build_loaded(spec, state).to(memory_format=torch.channels_last)
+        bare_jobs.append((model, state, xf, data.y, d))
+
+    def bare() -> None:
+        for model, state, xf, y, seed in bare_jobs:
+            model.load_state_dict(state)
+            bare_train(model, xf, y, cfg, ds.crop_padding, ds.flip, seed)
+
+    train_batched(jobs)  # warm-up
+    bare()
+    bare_times, batched = [], []
+    for _ in range(repeats):
+        bare_times.append(_timed(bare))
+        batched.append(_timed(lambda: train_batched(jobs)))
+    return statistics.median(bare_times), statistics.median(batched)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["alexnet", "vgg16"], choices=list(MODELS))
@@ -70,6 +108,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs of each kind")
     parser.add_argument("--classes", type=int, default=5, help="classes of the CAD sub-model")
+    parser.add_argument("--devices", type=int, default=10, help="devices of the batched rows")
     args = parser.parse_args()
     peak = matmul_gflops()
     print(f"torch threads {torch.get_num_threads()}; float32 matmul rate {peak:.0f} GFLOP/s; "
@@ -96,6 +135,15 @@ def main() -> None:
             rate = train_flops_per_sample(spec) * args.samples / ours / 1e9
             print(f"{label:<22} {args.samples / bare:>10.0f} {args.samples / ours:>11.0f} "
                   f"{bare / ours:>10.2f} {rate:>8.0f} {rate / peak:>9.0%}", flush=True)
+        if name in BATCHED:
+            many = synthetic_dataset(dense.input_shape, args.devices * args.samples, 10)
+            bare, ours = measure_batched(dense, many, cfg, args.devices, args.samples,
+                                         args.repeats)
+            images = args.devices * args.samples
+            rate = train_flops_per_sample(dense) * images / ours / 1e9
+            print(f"{f'{name} batched x{args.devices}':<22} {images / bare:>10.0f} "
+                  f"{images / ours:>11.0f} {bare / ours:>10.2f} {rate:>8.0f} "
+                  f"{rate / peak:>9.0%}", flush=True)
 
 
 if __name__ == "__main__":
