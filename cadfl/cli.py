@@ -194,6 +194,75 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return analyze_command(args)
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="a device's context model as one mobile inference file (ONNX), checked "
+        "in onnxruntime",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export the context model of some classes as one standalone file: for a "
+        "CAD (or Fed2)\ncheckpoint the physically smaller sub-model with only those classes' "
+        "paths, for a dense\ncheckpoint (fedavg, fedprox, ...) the whole network with only "
+        "those classes' logits.\n\n"
+        "Input: uint8 images N x H x W x C (any batch size), normalised inside the file with "
+        "the\nrun's dataset statistics. Output: one logit per class, in the order the file's "
+        "metadata\nlists (classes, class_names), Others last with --others. The metadata also "
+        "holds the\ncheckpoint's SHA-256 and the model spec.\n\n"
+        "Before it is written, the file is run (ONNX: in onnxruntime, CPU; TorchScript: by "
+        "torch.jit)\non test images of the classes and on random images; its logits must equal "
+        "PyTorch's within\na relative 1e-4, else nothing is written. ONNX, --int8 and --report "
+        "need\npip install 'cadfl[mobile]'. See docs/mobile.md.",
+        epilog="examples:\n"
+        "  cadfl export runs/demo/checkpoints/cad.safetensors --classes 3 5 --out digits-3-5.onnx\n"
+        "  cadfl export RUN/checkpoints/cad.safetensors --classes 3 5 --others --int8 --report "
+        "--out ctx.onnx\n"
+        "  cadfl export RUN/checkpoints/fedavg.safetensors --classes 3 5 --out dense-3-5.onnx\n"
+        "  cadfl export RUN/checkpoints/cad.safetensors --classes 1 --format torchscript "
+        "--out one.pt")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a run's checkpoints/NAME.safetensors (or its .json); RUN/config.toml "
+                   "names the dataset")
+    p.add_argument("--classes", type=int, nargs="+", required=True, metavar="C",
+                   help="class ids of the context, in the order of the logits")
+    p.add_argument("--others", action="store_true",
+                   help="add the Others logit (\"none of my classes\"; models trained with "
+                   "cad.others = true)")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx",
+                   help="onnx (default; checked in onnxruntime) or torchscript (PyTorch Mobile "
+                   "/ libtorch; checked by torch.jit.load)")
+    p.add_argument("--int8", action="store_true",
+                   help="write an int8 file: onnxruntime static post-training quantisation, "
+                   "calibrated on training images of the classes; prints its accuracy against "
+                   "float")
+    p.add_argument("--calibration", type=int, default=300, metavar="N",
+                   help="training images of the classes used to calibrate --int8 (default 300)")
+    p.add_argument("--report", nargs="?", const="", metavar="JSON",
+                   help="also export the full model and print and write (to JSON, default "
+                   "OUT with .report.json) file size, parameters, multiply-adds per image, "
+                   "onnxruntime latency per image (batch 1, one thread) and context accuracy "
+                   "of both, float and with --int8 also int8")
+    p.add_argument("--repeats", type=int, default=200, metavar="N",
+                   help="--report latency: the median of N runs of each file, the files "
+                   "taking turns (default 200)")
+    p.add_argument("--test-images", type=int, default=1000, metavar="N",
+                   help="test images of the classes used for the check and for accuracy "
+                   "(a seeded draw; default 1000)")
+    p.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: the run's)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, export_command
+
+    for name in ("calibration", "repeats", "test_images"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        return export_command(args)
+    except ExportError as exc:
+        raise UserError(str(exc)) from None
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that report a user's mistake: shown as one message, no traceback."""
     from .data.datasets import DataError
@@ -217,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_visualize(sub)
     _add_analyze(sub)
+    _add_export(sub)
     return parser
 
 
