@@ -153,3 +153,17 @@ def test_a_thousand_devices_on_the_synthetic_defaults_run(tmp_path):
     assert 0 <= by["fedavg"]["global_acc"] <= 1 and by["cad"]["bytes_down"] > 0
     # Local models of the devices that trained are on disk or in memory, nothing else.
     assert len(list((tmp_path / "devices" / "local").glob("*.safetensors"))) <= 20
+
+
+def test_batched_devices_give_the_sequential_runs_metrics(tmp_path, digits):
+    cfg = ["rounds=2", "devices=6", "sample=4", 'algorithms=["cad", "fedavg", "local"]',
+           'bn="keep_local"']
+    run_experiment(small(*cfg), tmp_path / "seq", quiet=True, dataset=digits)
+    run_experiment(small(*cfg, "batch_devices=4"), tmp_path / "batch", quiet=True,
+                   dataset=digits)
+    for a, b in zip(lines_of(tmp_path / "seq"), lines_of(tmp_path / "batch"), strict=True):
+        for key in ("global_acc", "context_acc", "train_loss"):
+            if a[key] is not None:
+                assert b[key] == pytest.approx(a[key], abs=2e-3), (a["algorithm"], key)
+        assert (a["bytes_down"], a["device_train_flops"]) == \
+            (b["bytes_down"], b["device_train_flops"])

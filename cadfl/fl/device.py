@@ -20,7 +20,7 @@ from ..models import ModelSpec, build_model
 from .payload import TASKS, Payload, State, Update
 
 EVAL_BATCH = 1000
-_train_flops_cache: dict[ModelSpec, int] = {}
+_train_flops_cache: dict[tuple, int] = {}
 # Meta-device model of each spec seen, and its state's dtypes.
 _skeletons: dict[ModelSpec, tuple[nn.Module, dict[str, torch.dtype]]] = {}
 
@@ -94,23 +94,26 @@ def label_map(spec: ModelSpec, num_classes: int, device: torch.device | str = "c
 
 def own_samples(spec: ModelSpec, data: DeviceData) -> tuple[torch.Tensor, torch.Tensor,
                                                               torch.Tensor]:
-    """The device's samples of the model's classes: uint8 images, logit-index labels, and
-    their global labels (samples of other classes are left out)."""
-    y = data.y
-    lut = label_map(spec, data.num_classes, y.device)
-    rows = (lut[y] >= 0).nonzero().squeeze(1)
-    index = rows if data.index is None else data.index[rows]
-    return data.images[index], lut[y[rows]], y[rows]
+    """The device's samples of the model's classes (others are left out): their rows in
+    `data.images`, their logit-index labels and their global labels."""
+    lut = label_map(spec, data.num_classes, data.compute)
+    own = (lut[data.y] >= 0).nonzero().squeeze(1)
+    rows = own if data.index is None else data.index[own]
+    global_y = data.labels[rows]
+    return rows, lut[global_y], global_y
 
 
 def train_flops_per_sample(spec: ModelSpec) -> int:
     """Forward + backward FLOPs of one training sample, counted by torch (cached per spec)."""
     from ..analysis.profile import train_flops
 
-    if spec not in _train_flops_cache:  # a spec is frozen and hashable: it is its own key
+    # FLOPs depend on the layers, not on which classes the logits stand for: CAD sub-models
+    # of different contexts with as many classes share one count.
+    key = (spec.input_shape, spec.layers)
+    if key not in _train_flops_cache:
         batch = 2  # batch norm needs more than one value per channel in training mode
-        _train_flops_cache[spec] = train_flops(build_model(spec), spec.input_shape, batch) // batch
-    return _train_flops_cache[spec]
+        _train_flops_cache[key] = train_flops(build_model(spec), spec.input_shape, batch) // batch
+    return _train_flops_cache[key]
 
 
 def train_local(payload: Payload, data: DeviceData) -> Update:
@@ -123,13 +126,9 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
     function of its payload and data.
     """
     cfg = payload.config
-    # The rows `own_samples` picks, without gathering their images: each batch is gathered
-    # from the shared tensor and normalised on its own (the same values, less copying).
-    lut = label_map(payload.spec, data.num_classes, data.compute)
-    own = (lut[data.y] >= 0).nonzero().squeeze(1)
-    rows = own if data.index is None else data.index[own]
-    global_y = data.labels[rows]
-    y = lut[global_y]
+    # Each batch is gathered from the shared tensor and normalised on its own (the same
+    # values as normalising the device's images at once, less copying).
+    rows, y, global_y = own_samples(payload.spec, data)
     n, dev = len(y), data.compute
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
@@ -178,9 +177,9 @@ def report_activations(payload: Payload, data: DeviceData) -> Update:
     Only these class-level sums (and the class counts) leave the device, as the update's
     tensors keyed by layer name.
     """
-    x, _, y = own_samples(payload.spec, data)
-    sums, counts = class_activation_sums(payload.spec, payload.state, x, y, data.num_classes,
-                                         data.mean, data.std)
+    rows, _, y = own_samples(payload.spec, data)
+    sums, counts = class_activation_sums(payload.spec, payload.state, data.images[rows], y,
+                                         data.num_classes, data.mean, data.std)
     return Update(state={k: v.cpu() for k, v in sums.items()}, num_samples=len(y),
                   class_counts=counts.long().tolist())
 

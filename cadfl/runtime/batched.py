@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.augment import crop_flip, crop_flip_draws
-from ..fl.device import DeviceData, label_map, train_flops_per_sample
+from ..fl.device import DeviceData, own_samples, train_flops_per_sample
 from ..fl.payload import Payload, TrainConfig, Update
 from ..models import Layer, ModelSpec
 
@@ -122,13 +122,9 @@ def train_batched(jobs: Sequence[tuple[Payload, DeviceData]]) -> list[Update]:
 
 
 def _prepare(position: int, payload: Payload, data: DeviceData, cfg: TrainConfig) -> _Job:
-    # The samples `own_samples` picks, as rows of the shared tensor: batches are gathered
-    # from it and normalised step by step, so no job copies its data.
-    lut = label_map(payload.spec, data.num_classes, data.compute)
-    own = (lut[data.y] >= 0).nonzero().squeeze(1)
-    rows = own if data.index is None else data.index[own]
-    global_y = data.labels[rows]
-    y = lut[global_y]
+    # Rows of the shared tensor: batches are gathered from it and normalised step by step,
+    # so no job copies its data.
+    rows, y, global_y = own_samples(payload.spec, data)
     n = len(y)
     per_epoch = [min(cfg.batch_size, n - s) for s in range(0, n, cfg.batch_size)]
     steps = math.ceil(cfg.fraction * cfg.epochs * len(per_epoch))
