@@ -60,13 +60,20 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "weights, one process, deterministic for a seed.\n\nWith no CONFIG, runs the embedded "
         "default (digits, 10 devices x 5 classes). The run directory gets config.toml, "
         "partition.json, metrics.jsonl (one line per round and algorithm), summary.md, "
-        "curves.png and checkpoints/.",
+        "curves.png, checkpoints/ and devices/ (what devices keep between rounds)."
+        "\n\nDevices train on the config's `device` (auto: CUDA when torch sees a GPU). "
+        "Updates are folded into the average as they arrive, so a round holds one update at "
+        "a time however many devices take part; aggregation.rule = median or trimmed_mean "
+        "need every holder's value at once and hold all of a round's updates.",
         epilog="examples:\n"
         "  cadfl run\n"
         "  cadfl run configs/cifar10-alexnet-5cls.toml --set data_fraction=0.2 --set rounds=30\n"
         "  cadfl run --set 'algorithms=[\"fedavg\",\"fedprox\"]' --set train.lr=0.02\n"
         "  cadfl run --set cad.others=true --set partition.other_fraction=0.3\n"
         "  cadfl run --set 'context=[{round=1, remove=[9]}, {round=10, devices=[0,1], add=[9]}]'"
+        "\n"
+        "  cadfl run --set dataset=synthetic --set devices=10000 --set sample=10\n"
+        "  cadfl run configs/cifar10-alexnet-5cls.toml --set device=cuda --set batch_devices=10"
         "\n"
         "  cadfl run --resume runs/demo")
     p.add_argument("config", nargs="?", metavar="CONFIG", help="TOML config file")
@@ -152,6 +159,8 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jitter", type=int, default=2, help="random shift, px (default 2)")
     p.add_argument("--data-dir", metavar="DIR", help="dataset folder (for normalisation)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/filters/NAME)")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (CUDA if there is one), cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_visualize)
 
@@ -184,6 +193,8 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class", dest="cls", type=int, default=0,
                    help="class whose critical path is drawn (default 0)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/analysis/NAME)")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (CUDA if there is one), cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_analyze)
 
@@ -191,7 +202,10 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis.explain import analyze_command
 
-    return analyze_command(args)
+    try:
+        return analyze_command(args)
+    except ValueError as exc:  # e.g. a --device this machine does not have
+        raise UserError(str(exc)) from None
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

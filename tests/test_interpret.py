@@ -59,3 +59,23 @@ def test_visualize_refuses_an_unknown_layer_with_the_valid_ones(tmp_path, capsys
                  "--layer", "conv9", "--quiet"])
     assert code == 2
     assert "conv1, conv2, conv3" in capsys.readouterr().err
+
+
+def test_analyze_and_visualize_run_on_the_device_asked_for(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--quiet", "--set", "rounds=1",
+                 "--set", 'algorithms=["cad"]', "--set", "devices=2"]) == 0
+    ckpt = str(run / "checkpoints" / "cad.safetensors")
+    if not torch.cuda.is_available():
+        assert main(["analyze", ckpt, "--device", "cuda:3", "--quiet"]) == 2
+        assert "torch sees 0 CUDA GPU" in capsys.readouterr().err
+        return
+    # On a GPU: the same analysis on CUDA and on the CPU, within float tolerance.
+    for device in ("cpu", "cuda"):
+        assert main(["analyze", ckpt, "--samples", "200", "--quiet", "--device", device,
+                     "--out", str(tmp_path / device)]) == 0
+        assert main(["visualize", ckpt, "--layer", "conv3", "--filters", "0", "--steps", "5",
+                     "--quiet", "--device", device, "--out", str(tmp_path / device)]) == 0
+    cpu, gpu = (json.loads((tmp_path / d / "analysis.json").read_text()) for d in ("cpu", "cuda"))
+    for name, s in cpu["selectivity"].items():
+        assert abs(s - gpu["selectivity"][name]) < 1e-3, name

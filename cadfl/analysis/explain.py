@@ -19,6 +19,7 @@ from ..cad.decouple import decouple
 from ..data.datasets import load_dataset
 from ..models import ModelSpec, build_loaded
 from ..report.interpret import critical_paths, filter_grid, preference_heatmap, selectivity_plot
+from ..runtime.compute import resolve_device
 from ..sim.checkpoint import load_model_checkpoint
 from .maximize import Regularizer, maximize
 from .preference import class_activation_sums, class_means, selectivity, suggest_depth
@@ -30,6 +31,11 @@ def _out_dir(args: argparse.Namespace, checkpoint: Path, what: str) -> Path:
     return out
 
 
+def _compute(args: argparse.Namespace) -> torch.device:
+    """The compute device of `--device` (ValueError, said in one line, if it is not here)."""
+    return resolve_device(args.device)
+
+
 def visualize_command(args: argparse.Namespace) -> int:
     """Draw what the chosen filters of one layer respond to; writes a PNG grid."""
     ckpt = Path(args.checkpoint)
@@ -39,7 +45,7 @@ def visualize_command(args: argparse.Namespace) -> int:
     filters = args.filters if args.filters else list(range(min(16, width)))
     if any(not 0 <= f < width for f in filters):
         raise ValueError(f"filters must be in 0..{width - 1} for {args.layer}")
-    model = build_loaded(spec, state)
+    model = build_loaded(spec, state, _compute(args))
     reg = Regularizer(decay=args.decay, blur_every=args.blur_every, blur_sigma=args.blur_sigma,
                       jitter=args.jitter)
     with tqdm(total=args.steps, desc=f"maximising {args.layer}", disable=args.quiet) as bar:
@@ -84,8 +90,10 @@ def analyze_command(args: argparse.Namespace) -> int:
     spec, state, record = load_model_checkpoint(ckpt)
     ds = load_dataset(args.dataset or record.get("dataset", "cifar10"), args.data_dir)
     n = min(args.samples, len(ds.test_y))
-    result = analyze_spec(spec, state, ds.test_x[:n], ds.test_y[:n], ds.num_classes, ds.mean,
-                          ds.std, args.threshold)
+    dev = _compute(args)
+    result = analyze_spec(spec, state, ds.test_x[:n].to(dev), ds.test_y[:n].to(dev),
+                          ds.num_classes, ds.mean, ds.std, args.threshold)
+    result["means"] = {k: v.cpu() for k, v in result["means"].items()}
     out = _out_dir(args, ckpt, "analysis")
     for name, m in tqdm(result["means"].items(), desc="heatmaps", disable=args.quiet):
         preference_heatmap(m, ds.classes, name, out / f"preference-{name}.png")

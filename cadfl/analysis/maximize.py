@@ -45,7 +45,7 @@ def response_module(spec: ModelSpec, layer: str) -> int:
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = max(1, int(round(2 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-(t**2) / (2 * sigma**2))
     k = k / k.sum()
     c = x.shape[1]
@@ -68,17 +68,20 @@ def maximize(model: nn.Sequential, spec: ModelSpec, layer: str, filters: list[in
     """Images (len(filters), C, H, W) in [0, 1], image i maximising filter `filters[i]`.
 
     `eta` is the step size on the gradient normalised to unit mean magnitude, in units of the
-    data's standard deviation. `progress`, if given, is called once per step.
+    data's standard deviation. `progress`, if given, is called once per step. The images are
+    computed where the model is; the random draws come from a CPU generator, so the starting
+    images and shifts are the same on every device. Returned on the CPU.
     """
     index = response_module(spec, layer)
     model.eval()
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
+    dev = next(model.parameters()).device
+    m = torch.tensor(mean, device=dev).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=dev).view(1, -1, 1, 1)
     low, high = (0 - m) / s, (1 - m) / s
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(filters), *spec.input_shape, generator=g) * 0.2
-    target = torch.tensor(filters)
-    rows = torch.arange(len(filters))
+    x = (torch.randn(len(filters), *spec.input_shape, generator=g) * 0.2).to(dev)
+    target = torch.tensor(filters, device=dev)
+    rows = torch.arange(len(filters), device=dev)
     for step in range(steps):
         dx, dy = (torch.randint(-reg.jitter, reg.jitter + 1, (2,), generator=g).tolist()
                   if reg.jitter else (0, 0))
@@ -95,4 +98,4 @@ def maximize(model: nn.Sequential, spec: ModelSpec, layer: str, filters: list[in
                 x = torch.maximum(torch.minimum(x, high), low)
         if progress:
             progress()
-    return (x * s + m).clamp(0, 1)
+    return (x * s + m).clamp(0, 1).cpu()
