@@ -42,6 +42,10 @@ from .context import Schedule, gains
 from .faults import with_faults
 
 log = logging.getLogger("cadfl")
+# Scores devices' own models where they are: (device, payload) in, (device, the
+# `context_scores` of that device) out, for the devices that answered.
+DeviceScorer = Callable[[Iterable[tuple[int, Payload]]],
+                        Iterator[tuple[int, tuple[float, float, float]]]]
 EVAL_KEYS = ("global_acc", "context_acc", "eval_devices", "test_loss", "class_acc",
              "others_reject", "others_in_acc")
 METRIC_KEYS = ("round", "algorithm", "global_acc", "context_acc", "eval_devices", "test_loss",
@@ -306,7 +310,8 @@ class Experiment:
         return sorted(rng.choice(n, size=self.cfg.eval_devices, replace=False).tolist())
 
     def evaluate(self, strategy: Strategy, rnd: int, state: State,
-                 runtime: Runtime | None = None) -> dict[str, float | None]:
+                 runtime: Runtime | None = None, score: DeviceScorer | None = None
+                 ) -> dict[str, float | None]:
         """Scores of round `rnd` (keys `EVAL_KEYS`).
 
         Of the cloud's model: global_acc, class_acc (per class) and test_loss, the argmax over
@@ -316,7 +321,9 @@ class Experiment:
         test images a device answers "Others") and others_in_acc (accuracy on its own classes
         with "Others" among the answers). When every device's model is the global one
         restricted to its classes, one pass of the global model scores all devices;
-        otherwise each sampled device's own model (with what it keeps) is run.
+        otherwise each sampled device's own model (with what it keeps) is run: here, or by
+        `score` where the devices keep their state themselves (Flower nodes); a device that
+        does not answer `score` is left out of the mean.
         """
         ds, test_x = self.dataset, self.on_device.test_x
         runtime = runtime or self.runtime()
@@ -338,22 +345,33 @@ class Experiment:
                                                            self.other)
                 scores.append(by_classes[d.classes])
         else:
-            ids = self.evaluation_devices(rnd)
-            for d, p in strategy.configure_evaluate(rnd, state, ids):
-                classes = self.devices[d].classes
-                mask = torch.isin(ds.test_y, torch.tensor(classes))
-                if self.other in p.spec.class_ids:  # rejection needs the other images too
-                    mask[:] = True
-                lg = predict(p.spec, runtime.own_state(d, p), test_x[mask.to(test_x.device)],
-                             ds.mean, ds.std)
-                scores.append(context_scores(lg, ds.test_y[mask], p.spec, classes, self.other))
+            jobs = strategy.configure_evaluate(rnd, state, self.evaluation_devices(rnd))
+            if score is not None:
+                scores = [s for _, s in score(jobs)]
+            else:
+                scores = [self.score_device(d, p.spec, runtime.own_state(d, p))
+                          for d, p in jobs]
+        out["eval_devices"] = len(scores)
+        if not scores:  # no device answered
+            return out
         acc, reject, inside = zip(*scores, strict=True)
         out["context_acc"] = float(np.nanmean(acc))
-        out["eval_devices"] = len(scores)
         if not all(math.isnan(r) for r in reject):
             out["others_reject"] = float(np.nanmean(reject))
             out["others_in_acc"] = float(np.nanmean(inside))
         return out
+
+    def score_device(self, device: int, spec: ModelSpec, state: State
+                     ) -> tuple[float, float, float]:
+        """`context_scores` of one device's own model (`spec`, `state`) on the test images
+        of its classes in the current round (all test images when it answers Others)."""
+        ds, test_x = self.dataset, self.on_device.test_x
+        classes = self.devices[device].classes
+        mask = torch.isin(ds.test_y, torch.tensor(classes))
+        if self.other in spec.class_ids:  # rejection needs the other images too
+            mask[:] = True
+        logits = predict(spec, state, test_x[mask.to(test_x.device)], ds.mean, ds.std)
+        return context_scores(logits, ds.test_y[mask], spec, classes, self.other)
 
 
 class Tally:
@@ -508,7 +526,9 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
             state, stats = exp.train_round(strategy, rnd, state, execute or runtime)
             evals = None
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-                evals = exp.evaluate(strategy, rnd, state, runtime)
+                # An executor whose devices keep their own state also scores them.
+                evals = exp.evaluate(strategy, rnd, state, runtime,
+                                     getattr(execute, "score", None))
                 bar.set_postfix({k: f"{v:.3f}" for k, v in evals.items()
                                  if k.endswith("acc") and isinstance(v, float)})
             line = _round_line(a, rnd, stats, evals)
