@@ -126,6 +126,8 @@ class Config:
     same share of every class). `bn` is "average" or "keep_local" (batch-norm statistics).
     `context` lists changes of devices' class sets over the rounds (`ContextChange`).
     A round with fewer than `min_devices` valid updates keeps the previous global state.
+    On Flower, a device that has not answered `round_deadline` seconds after its payload was
+    sent counts as a dropout.
 
     The runtime: `device` is where device models train and are scored ("auto": CUDA when
     torch sees a GPU, else "cpu"; or "cpu", "cuda", "cuda:N"); `batch_devices` > 1 trains up
@@ -152,6 +154,7 @@ class Config:
     test_fraction: float = 1.0
     bn: str = "average"
     min_devices: int = 1
+    round_deadline: float = 600.0
     train: TrainSection = field(default_factory=TrainSection)
     fedprox: FedProxConfig = field(default_factory=FedProxConfig)
     cad: CadConfig = field(default_factory=CadConfig)
@@ -250,6 +253,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"algorithms: listed twice in {cfg.algorithms}")
     _range("devices", cfg.devices, 1)
     _range("min_devices", cfg.min_devices, 1)
+    _range("round_deadline", cfg.round_deadline, 0, low_open=True)
     _range("rounds", cfg.rounds, 1)
     _range("eval_every", cfg.eval_every, 1)
     _range("seed", cfg.seed, 0)
