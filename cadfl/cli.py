@@ -99,7 +99,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .report.summary import summarize, text_table
-    from .sim.config import load_config, require_flower_support
+    from .sim.config import load_config
     from .sim.engine import run_experiment
 
     if args.resume:
@@ -128,8 +128,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if importlib.util.find_spec("flwr") is None:
             raise UserError("--engine flower needs Flower: pip install 'cadfl[flower]'")
         from .flower.simulation import run_flower_simulation
-
-        require_flower_support(cfg, "Flower")
 
         lines = run_flower_simulation(cfg, out, quiet=args.quiet, resume=bool(args.resume))
     else:

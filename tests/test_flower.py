@@ -26,7 +26,6 @@ flwr = pytest.importorskip("flwr")
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 
 from cadfl.cli import main as cli_main  # noqa: E402
-from cadfl.fl.central import POOLED  # noqa: E402
 from cadfl.fl.payload import Payload, TrainConfig, Update  # noqa: E402
 from cadfl.flower import client_app  # noqa: E402
 from cadfl.flower.codec import (  # noqa: E402
@@ -35,7 +34,6 @@ from cadfl.flower.codec import (  # noqa: E402
     encode_payload,
     encode_update,
 )
-from cadfl.flower.data import device_data  # noqa: E402
 from cadfl.flower.server_app import FlowerError, FlowerExecutor  # noqa: E402
 from cadfl.models import get_model  # noqa: E402
 from cadfl.sim.config import load_config  # noqa: E402
@@ -98,16 +96,6 @@ def test_codec_round_trip_is_bitwise():
         assert torch.equal(back_u.state[k].nan_to_num(), t.nan_to_num()), k
 
 
-def test_every_node_derives_the_engines_data(digits):
-    cfg = small("devices=4", "partition.scheme=dirichlet")
-    exp = Experiment.setup(cfg, digits)
-    for d in [*range(cfg.devices), POOLED]:
-        mine, theirs = device_data(cfg, d, digits), exp.data(d)
-        assert torch.equal(mine.x, theirs.x) and torch.equal(mine.y, theirs.y), d
-        assert (mine.mean, mine.std, mine.num_classes) == \
-            (theirs.mean, theirs.std, theirs.num_classes)
-
-
 # The protocol, with the real ClientApp behind an in-process grid
 
 
@@ -131,6 +119,20 @@ class LoopbackGrid:
             for i in range(num_nodes)}
         self.app = app
         self.sent = 0
+        self.silent: set[int] = set()  # nodes that never answer (a timeout)
+        self.gone: dict[int, Context] = {}  # nodes that left, with their state
+
+    def node_of(self, partition: int) -> int:
+        return next(n for n, c in self.contexts.items()
+                    if c.node_config["partition-id"] == partition)
+
+    def leave(self, partition: int) -> None:
+        n = self.node_of(partition)
+        self.gone[partition] = self.contexts.pop(n)
+
+    def come_back(self, partition: int) -> None:
+        """The node reconnects under a new node id, with the state it kept."""
+        self.contexts[self.rng.randrange(1, 2**63)] = self.gone.pop(partition)
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -139,6 +141,8 @@ class LoopbackGrid:
         replies = []
         for msg in messages:
             self.sent += 1
+            if msg.metadata.dst_node_id in self.silent:
+                continue
             try:
                 replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
             except Exception as exc:  # what Flower does: an error reply
@@ -148,15 +152,21 @@ class LoopbackGrid:
         return replies
 
 
+def run_on_loopback(cfg, out, digits, grid=None, **kwargs):
+    """The experiment through FlowerExecutor and the real ClientApp behind a LoopbackGrid."""
+    grid = grid or LoopbackGrid(cfg.devices)
+    execute = FlowerExecutor(grid, cfg, deadline=30, wait=0.1, **kwargs)
+    lines = run_experiment(cfg, out, quiet=True, dataset=digits, execute=execute,
+                           on_round=execute.round_done)
+    return lines, grid
+
+
 def test_flower_protocol_reproduces_the_engine_exactly(tmp_path, digits):
     """The whole ServerApp path (partition discovery, codec, ClientApp) against the engine:
     identical metric lines and checkpoints."""
     cfg = small('algorithms=["cad", "fedavg", "central"]')
     own = run_experiment(cfg, tmp_path / "own", quiet=True, dataset=digits)
-    grid = LoopbackGrid(cfg.devices)
-    execute = FlowerExecutor(grid, cfg, timeout=30)
-    assert sorted(execute.nodes) == [0, 1, 2]
-    via = run_experiment(cfg, tmp_path / "flower", quiet=True, dataset=digits, execute=execute)
+    via, grid = run_on_loopback(cfg, tmp_path / "flower", digits)
     assert without_wall(via) == without_wall(own)
     for a in cfg.algorithms:
         from cadfl.sim.checkpoint import load_checkpoint
@@ -168,15 +178,100 @@ def test_flower_protocol_reproduces_the_engine_exactly(tmp_path, digits):
     assert grid.sent == cfg.devices + 2 * cfg.rounds * cfg.devices
 
 
-def test_executor_rejects_missing_nodes_and_reports_node_errors(digits):
+@pytest.mark.parametrize("overrides", [
+    ['algorithms=["local", "fedavg"]'],
+    ['algorithms=["cad", "fedavg"]', "bn=keep_local"],
+], ids=["local", "keep_local"])
+def test_state_kept_on_the_nodes_gives_the_engines_metrics(tmp_path, digits, overrides):
+    """Devices that keep state (the `local` model, their own batch-norm statistics) keep it
+    in their node's Context.state, score their own models there, and send no private tensor:
+    the same metric lines as the engine, whose store holds the same entries."""
+    cfg = small(*overrides)
+    own = run_experiment(cfg, tmp_path / "own", quiet=True, dataset=digits)
+    via, grid = run_on_loopback(cfg, tmp_path / "flower", digits)
+    assert without_wall(via) == without_wall(own)
+    assert all(m["eval_devices"] == cfg.devices for m in via)
+    from cadfl.flower.store import NodeStore
+    from cadfl.runtime import DeviceStore
+    for a in cfg.algorithms:
+        engine_store = DeviceStore(tmp_path / "own" / "devices" / a)
+        for ctx in grid.contexts.values():
+            d = ctx.node_config["partition-id"]
+            mine, theirs = NodeStore(ctx.state, a).get(d), engine_store.get(d)
+            assert sorted(mine) == sorted(theirs), (a, d)
+            assert all(torch.equal(mine[k], theirs[k]) for k in mine), (a, d)
+    if "local" in cfg.algorithms:  # the local models never went up: zero bytes sent back
+        assert [m["bytes_up"] for m in via if m["algorithm"] == "local"] == [0] * cfg.rounds
+
+
+def test_context_dynamics_on_flower_follow_the_engine(tmp_path, digits):
+    """Others, a New Class and a `[[context]]` schedule: the nodes derive each round's data
+    with the engine's code, so the metric lines are the engine's."""
+    cfg = small('algorithms=["cad", "fedavg"]', "rounds=3", "cad.others=true",
+                "partition.other_fraction=0.2",
+                'context=[{round=2, devices=[0], add=[9]}, {round=3, remove=[0]}]')
+    own = run_experiment(cfg, tmp_path / "own", quiet=True, dataset=digits)
+    via, _ = run_on_loopback(cfg, tmp_path / "flower", digits)
+    assert without_wall(via) == without_wall(own)
+
+
+def test_failures_are_dropouts_and_nodes_may_come_back(tmp_path, digits, caplog):
+    """A device with no node, a node that errors, one that times out and one that leaves
+    are logged and counted in `rejected`; the round goes on; a node that comes back (new
+    node id, its state kept) takes part again."""
+    cfg = small('algorithms=["fedavg"]', "rounds=4", "devices=4")
+    grid = LoopbackGrid(3)  # device 3 never gets a node
+    execute = FlowerExecutor(grid, cfg, deadline=1, wait=0.1)
+    assert sorted(execute.nodes) == [0, 1, 2]
+    rejected = []
+
+    def on_round(line):
+        execute.round_done(line)
+        rejected.append(line["rejected"])
+        if line["round"] == 1:
+            grid.silent.add(grid.node_of(1))  # round 2: node 1 does not answer
+        if line["round"] == 2:
+            grid.silent.clear()
+            grid.leave(2)  # round 3: node 2 has gone
+        if line["round"] == 3:
+            grid.come_back(2)  # round 4: it is back
+
+    with caplog.at_level("WARNING", logger="cadfl"):
+        lines = run_experiment(cfg, tmp_path / "r", quiet=True, dataset=digits,
+                               execute=execute, on_round=on_round)
+    assert rejected == [1, 2, 2, 1]
+    assert [m["round"] for m in lines] == [1, 2, 3, 4]
+    text = caplog.text
+    assert "device 3 has no node connected" in text
+    assert f"node {grid.node_of(1)} did not answer within 1 s" in text
+    assert "device 2: node" in text and "is no longer connected" in text
+    assert "device 2: now on node" not in text  # it left first, then came back
+    assert execute.nodes[2] == grid.node_of(2)
+    # The engine's own runtime with the same devices left out gives the same metric lines.
+    from cadfl.runtime import Runtime
+    dropped = {1: {3}, 2: {1, 3}, 3: {2, 3}, 4: {3}}
+    runtime = Runtime(Experiment.setup(cfg, digits).data)
+    rnd = [1]
+
+    def dropping(jobs):
+        for d, p in jobs:
+            yield d, p, None if d in dropped[rnd[0]] else runtime.run(d, p)
+
+    own = run_experiment(cfg, tmp_path / "own", quiet=True, dataset=digits, execute=dropping,
+                         on_round=lambda line: rnd.__setitem__(0, line["round"] + 1))
+    assert without_wall(lines) == without_wall(own)
+
+
+def test_node_errors_are_dropouts(tmp_path, digits, caplog):
     cfg = small()
-    with pytest.raises(FlowerError, match="3 devices but 2 Flower nodes"):
-        FlowerExecutor(LoopbackGrid(2), cfg, timeout=0.1)
-    execute = FlowerExecutor(LoopbackGrid(3), cfg, timeout=1)
+    execute = FlowerExecutor(LoopbackGrid(3), cfg, deadline=1, wait=0.1)
     exp = Experiment.setup(cfg, digits)
     bad = Payload(exp.spec, exp.init, exp.train_config(), task="dance")
-    with pytest.raises(FlowerError, match="unknown payload task 'dance'"):
-        list(execute([(0, bad)]))
+    with caplog.at_level("WARNING", logger="cadfl"):
+        assert [u for _, _, u in execute([(0, bad)])] == [None]
+    assert "unknown payload task 'dance'" in caplog.text
+    with pytest.raises(FlowerError, match="no Flower node"):
+        FlowerExecutor(LoopbackGrid(0), cfg, wait=0.1)
 
 
 def test_run_config_builds_the_experiment(tmp_path):

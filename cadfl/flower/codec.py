@@ -2,8 +2,10 @@
 
 A payload travels as a `RecordDict` with
 - "state": an `ArrayRecord` of the state dict (torch tensors, exact dtypes and bytes),
-- "payload": a `ConfigRecord` with the `ModelSpec` JSON, the `TrainConfig` JSON, the task, and
-  the experiment's config JSON (the device derives its own partition from it).
+- "payload": a `ConfigRecord` with the `ModelSpec` JSON, the `TrainConfig` JSON, the task,
+  what the device keeps (`keep`, `private`: JSON lists of patterns), the experiment's config
+  JSON (the device derives its own data from it), and the round and algorithm it belongs to
+  (the device's data and kept state depend on them).
 
 An update travels back as
 - "state": an `ArrayRecord` of the returned tensors,
@@ -34,14 +36,20 @@ def _from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(arr.numpy().copy()) for k, arr in record.items()}
 
 
-def encode_payload(payload: Payload, experiment: str = "") -> RecordDict:
+def encode_payload(payload: Payload, experiment: str = "", rnd: int = 0,
+                   algorithm: str = "") -> RecordDict:
     """A payload as a Flower RecordDict; `experiment` is the config JSON the device needs to
-    find its own data (empty when the device already knows it)."""
+    find its own data (empty when the device already knows it), `rnd` and `algorithm` the
+    round and algorithm the payload is of."""
     config = ConfigRecord({
         "spec": json.dumps(payload.spec.to_dict()),
         "train": json.dumps(payload.config.to_dict()),
         "task": payload.task,
+        "keep": json.dumps(list(payload.keep)),
+        "private": json.dumps(list(payload.private)),
         "experiment": experiment,
+        "round": rnd,
+        "algorithm": algorithm,
     })
     return RecordDict({STATE: _to_record(payload.state), PAYLOAD: config})
 
@@ -52,7 +60,9 @@ def decode_payload(content: RecordDict) -> tuple[Payload, str]:
     payload = Payload(spec=ModelSpec.from_dict(json.loads(str(config["spec"]))),
                       state=_from_record(content.array_records[STATE]),
                       config=TrainConfig(**json.loads(str(config["train"]))),
-                      task=str(config["task"]))
+                      task=str(config["task"]),
+                      keep=tuple(json.loads(str(config["keep"]))),
+                      private=tuple(json.loads(str(config["private"]))))
     return payload, str(config["experiment"])
 
 

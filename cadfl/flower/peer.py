@@ -24,7 +24,7 @@ from ..fl.strategy import device_seed
 from ..models import ModelSpec
 from ..sim.config import Config
 from ..sim.engine import Experiment
-from .client_app import _threads, local_data, node_partition
+from .client_app import _threads, node_experiment, node_partition
 from .env import flower_environment
 from .simulation import backend_config, stop_leftovers
 
@@ -44,8 +44,9 @@ def train(msg: Message, context: Context) -> Message:
     dtypes = json.loads(str(cfg["dtypes"]))
     state = {k: v.to(getattr(torch, dtypes[k])) for k, v in state.items()}
     config = TrainConfig(**{**base.to_dict(), "seed": device_seed(base.seed, rnd, pid)})
-    update = train_local(Payload(spec, state, config), local_data(str(cfg["experiment"]),
-                                                                   context))
+    exp = node_experiment(str(cfg["experiment"]), context)
+    exp.enter_round(rnd)
+    update = train_local(Payload(spec, state, config), exp.data(pid))
     return Message(RecordDict({
         "arrays": ArrayRecord(update.state),
         "metrics": MetricRecord({"num-examples": update.num_samples,

@@ -12,12 +12,15 @@ Run config keys (`[tool.flwr.app.config]` in pyproject.toml, `flwr run --run-con
   set      overrides, `;`-separated `key=value` (as `cadfl run --set`), e.g.
            "rounds=2;devices=2;algorithms=[\"cad\"]"
   out      the run directory ("" = runs/flower-TIMESTAMP)
-  timeout  seconds to wait for all replies of one round (and for the nodes to connect)
+  timeout  seconds to wait at the start for a node per device (the run goes on with those
+           connected then; the others join when they connect); how long a round waits for
+           its answers is the experiment's `round_deadline`
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -26,103 +29,204 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from ..fl.central import POOLED
-from ..fl.device import DeviceData, run_task
-from ..fl.payload import Update
+from ..fl.device import run_task
+from ..fl.payload import Payload, Update
 from ..runtime import Job, Result
-from ..sim.config import Config, load_config, require_flower_support
-from ..sim.engine import run_experiment
-from .client_app import IDENTITY, PARTITION_ID
+from ..sim.checkpoint import load_checkpoint
+from ..sim.config import Config, load_config
+from ..sim.engine import Experiment, run_experiment
+from .client_app import IDENTITY, PARTITION_ID, SCORES
 from .codec import decode_update, encode_payload
-from .data import device_data
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.5
+log = logging.getLogger("cadfl")
 
 
 class FlowerError(RuntimeError):
-    """A Flower node failed, did not answer in time, or the nodes do not match the config."""
+    """No Flower node connected to run the experiment on."""
 
 
 class FlowerExecutor:
-    """`execute` for the engine: payloads to the nodes holding those partitions, updates back.
+    """`execute` for the engine: payloads to the nodes holding those devices, updates back.
 
-    Node ids are random, so a first query round asks every node for its partition id. The
-    centralised reference (`central`) has no device: its pooled payload runs here.
+    Node ids are random: every node that connects is asked once (a query message) which
+    device (partition) it holds. Before each round the executor looks at the nodes connected
+    then: a node that joined late is asked, a node that left loses its device, and a device
+    whose node came back (a new node id) is served by it again. A device with no node, a node
+    that fails, or one that does not answer within `deadline` seconds is logged with its node
+    and the reason and yields no update: the engine counts it as a dropout, as in simulation.
+
+    The nodes' data follow the round's contexts and their kept state is per algorithm, so
+    every message says which algorithm and round it is of: the engine runs the algorithms one
+    after another, rounds 1..R each (from `start[a] + 1` when resumed), and reports each
+    finished round to `round_done`. The centralised reference (`central`) has no device: its
+    pooled payload runs here.
     """
 
-    def __init__(self, grid: Grid, cfg: Config, timeout: float = 600.0) -> None:
-        self.grid, self.cfg, self.timeout = grid, cfg, timeout
+    def __init__(self, grid: Grid, cfg: Config, deadline: float = 600.0,
+                 wait: float = 60.0, start: dict[str, int] | None = None) -> None:
+        self.grid, self.cfg, self.deadline = grid, cfg, deadline
         self.experiment = json.dumps(cfg.to_dict())
         self.messages = 0
-        self._pooled: DeviceData | None = None
-        self.nodes = self.discover()
+        self.nodes: dict[int, int] = {}  # device -> node id
+        self._asked: set[int] = set()  # node ids that said which device they hold
+        start = start or {}
+        self._todo = [(a, r) for a in cfg.algorithms
+                      for r in range(start.get(a, 0) + 1, cfg.rounds + 1)]
+        self._step = 0
+        self._server: Experiment | None = None
+        self.wait_for_nodes(wait)
 
-    def _send(self, messages: list[Message]) -> list[Message]:
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
-        self.messages += len(messages)
-        errors = [r for r in replies if r.has_error()]
-        if errors:
-            e = errors[0]
-            raise FlowerError(f"node {e.metadata.src_node_id} failed: {e.error.reason} "
-                              f"({len(errors)} of {len(messages)} nodes failed)")
-        if len(replies) != len(messages):
-            raise FlowerError(f"{len(messages) - len(replies)} of {len(messages)} nodes did not "
-                              f"reply within {self.timeout:g} s")
-        return replies
+    @property
+    def current(self) -> tuple[str, int]:
+        """(algorithm, round) the engine is running now."""
+        return self._todo[min(self._step, len(self._todo) - 1)] if self._todo else ("", 0)
 
-    def discover(self) -> dict[int, int]:
-        """Wait for `cfg.devices` nodes and map every partition id to its node id."""
-        deadline = time.monotonic() + self.timeout
+    def round_done(self, line: dict) -> None:
+        """The engine finished a round (its metric line): move on to the next."""
+        if (line["algorithm"], line["round"]) != self.current:
+            raise FlowerError(f"the engine ran {line['algorithm']} round {line['round']}, "
+                              f"the executor expected {self.current}")
+        self._step += 1
+
+    def wait_for_nodes(self, wait: float) -> None:
+        """Wait (at most `wait` s) until every device has a node; go on with those that
+        have one then (the others join when they connect)."""
+        deadline = time.monotonic() + wait
         while True:
-            node_ids = sorted(self.grid.get_node_ids())
-            if len(node_ids) >= self.cfg.devices or time.monotonic() > deadline:
+            self.refresh()
+            if len(self.nodes) >= self.cfg.devices or time.monotonic() > deadline:
                 break
             time.sleep(POLL_S)
-        if len(node_ids) != self.cfg.devices:
-            raise FlowerError(f"the config has {self.cfg.devices} devices but {len(node_ids)} "
-                              "Flower nodes are connected: start one SuperNode per device "
-                              "(--node-config 'partition-id=0..N-1')")
-        query = [Message(RecordDict({IDENTITY: ConfigRecord({})}), dst_node_id=n,
-                         message_type=MessageType.QUERY) for n in node_ids]
-        nodes: dict[int, int] = {}
-        for reply in self._send(query):
-            pid = int(reply.content.config_records[IDENTITY][PARTITION_ID])
-            if pid in nodes:
-                raise FlowerError(f"two nodes claim partition-id {pid}")
-            nodes[pid] = reply.metadata.src_node_id
-        if sorted(nodes) != list(range(self.cfg.devices)):
-            raise FlowerError(f"nodes hold partitions {sorted(nodes)}, expected "
-                              f"0..{self.cfg.devices - 1}")
-        return nodes
+        if not self.nodes:
+            raise FlowerError(f"no Flower node holding one of the {self.cfg.devices} devices "
+                              f"connected within {wait:g} s: start SuperNodes with "
+                              "--node-config 'partition-id=0..N-1'")
+        missing = sorted(set(range(self.cfg.devices)) - set(self.nodes))
+        if missing:
+            log.warning("devices without a node so far (dropouts until they connect): %s",
+                        missing)
+
+    def refresh(self) -> None:
+        """Follow the connected nodes: forget those that left, ask new ones their device."""
+        connected = set(self.grid.get_node_ids())
+        for d, n in list(self.nodes.items()):
+            if n not in connected:
+                log.warning("device %d: node %d is no longer connected", d, n)
+                del self.nodes[d]
+        self._asked &= connected
+        new = sorted(connected - self._asked)
+        if not new:
+            return
+        query = {n: Message(RecordDict({IDENTITY: ConfigRecord({})}), dst_node_id=n,
+                            message_type=MessageType.QUERY) for n in new}
+        for n, reply in self._exchange(query, "query").items():
+            self._asked.add(n)
+            d = int(reply.content.config_records[IDENTITY][PARTITION_ID])
+            if not 0 <= d < self.cfg.devices:
+                log.warning("node %d holds partition %d, outside 0..%d: not used", n, d,
+                            self.cfg.devices - 1)
+                continue
+            if self.nodes.get(d, n) != n:
+                log.warning("device %d: now on node %d (was node %d)", d, n, self.nodes[d])
+            self.nodes[d] = n
+
+    def _exchange(self, messages: dict[int, Message], what: str) -> dict[int, Message]:
+        """Send messages (by node id) and wait up to the deadline; the good replies by node
+        id. Errors and missing replies are logged with the node and the reason."""
+        if not messages:
+            return {}
+        replies = self.grid.send_and_receive(list(messages.values()), timeout=self.deadline)
+        self.messages += len(messages)
+        good = {}
+        for reply in replies:
+            n = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("%s: node %d failed: %s", what, n, reply.error.reason)
+            else:
+                good[n] = reply
+        answered = {r.metadata.src_node_id for r in replies}
+        for n in sorted(set(messages) - answered):
+            log.warning("%s: node %d did not answer within %g s", what, n, self.deadline)
+        return good
+
+    def _send(self, payloads: list[Job], kind: str) -> dict[int, Message]:
+        """One message of type `kind` per device with a node; the good replies by device."""
+        algorithm, rnd = self.current
+        messages = {}
+        for d, p in payloads:
+            if d == POOLED:
+                continue
+            if d not in self.nodes:
+                log.warning("%s round %d: device %d has no node connected", algorithm, rnd, d)
+                continue
+            messages[self.nodes[d]] = Message(
+                encode_payload(p, self.experiment, rnd, algorithm), dst_node_id=self.nodes[d],
+                message_type=kind)
+        device_of = {n: d for d, n in self.nodes.items()}
+        replies = self._exchange(messages, f"{algorithm} round {rnd} {kind}")
+        return {device_of[n]: r for n, r in replies.items()}
+
+    def _pooled(self, payload: Payload) -> Update:
+        """Centralised training: no device, no messages; the engine's pooled data here."""
+        if self._server is None:
+            self._server = Experiment.setup(self.cfg)
+        self._server.enter_round(self.current[1])
+        return run_task(payload, self._server.data(POOLED))
 
     def __call__(self, jobs: Iterable[Job]) -> Iterator[Result]:
-        """Send the round's payloads to their nodes at once; yield the updates in device
-        order."""
-        payloads = dict(jobs)
-        out: dict[int, Update] = {}
-        remote = {d: p for d, p in payloads.items() if d != POOLED}
-        if remote:
-            device_of = {self.nodes[d]: d for d in remote}
-            messages = [Message(encode_payload(p, self.experiment), dst_node_id=self.nodes[d],
-                                message_type=MessageType.TRAIN) for d, p in sorted(remote.items())]
-            for reply in self._send(messages):
-                out[device_of[reply.metadata.src_node_id]] = decode_update(reply.content)
-        if POOLED in payloads:  # centralised training: no device, no messages
-            if self._pooled is None:
-                self._pooled = device_data(self.cfg, POOLED)
-            out[POOLED] = run_task(payloads[POOLED], self._pooled)
-        for d in sorted(payloads):
-            yield d, payloads[d], out.get(d)
+        """Send the round's payloads to their nodes at once; yield the updates (None for a
+        dropout) in job order."""
+        payloads = list(jobs)
+        self.refresh()
+        replies = self._send(payloads, MessageType.TRAIN)
+        for d, p in payloads:
+            update = self._pooled(p) if d == POOLED else None
+            if d in replies:
+                try:
+                    update = decode_update(replies[d].content)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.warning("device %d: unreadable update: %r", d, exc)
+            yield d, p, update
+
+    def score(self, jobs: Iterable[tuple[int, Payload]]
+              ) -> Iterator[tuple[int, tuple[float, float, float]]]:
+        """Have the devices score their own models (they hold what they keep); the scores
+        of those that answered, in job order (`Experiment.evaluate`'s `score`)."""
+        payloads = list(jobs)
+        self.refresh()
+        replies = self._send(payloads, MessageType.EVALUATE)
+        for d, _ in payloads:
+            if d in replies:
+                m = replies[d].content.metric_records[SCORES]
+                yield d, (float(m["context_acc"]), float(m["others_reject"]),
+                          float(m["others_in_acc"]))
 
 
-def run_on_grid(grid: Grid, cfg: Config, out: Path, timeout: float = 600.0,
+def rounds_done(cfg: Config, out: Path) -> dict[str, int]:
+    """The last checkpointed round of every algorithm in run directory `out` (a resume)."""
+    done = {}
+    for a in cfg.algorithms:
+        loaded = load_checkpoint(out / "checkpoints", a)
+        done[a] = loaded[1]["round"] if loaded else 0
+    return done
+
+
+def run_on_grid(grid: Grid, cfg: Config, out: Path, wait: float = 60.0,
                 quiet: bool = True, on_round: Callable[[dict], None] | None = None,
                 resume: bool = False) -> list[dict]:
     """The whole experiment with its devices behind `grid`; writes the run directory."""
-    require_flower_support(cfg, "Flower")
-    execute = FlowerExecutor(grid, cfg, timeout)
+    execute = FlowerExecutor(grid, cfg, cfg.round_deadline, wait,
+                             rounds_done(cfg, out) if resume else None)
+
+    def round_done(line: dict) -> None:
+        execute.round_done(line)
+        if on_round:
+            on_round(line)
+
     return run_experiment(cfg, out, resume=resume, quiet=quiet, execute=execute,
-                          on_round=on_round)
+                          on_round=round_done)
 
 
 def config_from_run_config(run_config: dict) -> tuple[Config, Path, float]:

@@ -312,22 +312,6 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def require_flower_support(cfg: Config, engine: str) -> None:
-    """ConfigError if `cfg` needs what only cadfl's own engine runs so far: context dynamics
-    (a Flower node derives its data from the config once, not per round), or devices that
-    keep state between rounds (`local`, `bn = "keep_local"`: Flower nodes do not keep it
-    yet)."""
-    used = [name for name, on in (("context", cfg.context),
-                                  ("partition.other_fraction", cfg.partition.other_fraction),
-                                  ("cad.others", cfg.cad.others),
-                                  ("algorithm local", "local" in cfg.algorithms),
-                                  ("bn = keep_local", cfg.bn == "keep_local")) if on]
-    if used:
-        raise ConfigError(f"{', '.join(used)}: context dynamics and device state kept between "
-                          f"rounds run in cadfl's own engine only, not on {engine} yet; drop "
-                          "them or run without --engine flower")
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse one `--set key=value`: dotted key, TOML value (bare words are taken as strings)."""
     if "=" not in text:
