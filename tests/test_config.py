@@ -41,7 +41,7 @@ def test_digits_demo_preset_is_exactly_the_defaults():
     path = CONFIGS / "digits-demo.toml"
     assert load_config(path) == Config()
     # Every setting is written out, so a new default shows up here until the preset has it.
-    assert leaf_keys(tomllib.loads(path.read_text())) == leaf_keys(Config())
+    assert leaf_keys(tomllib.loads(path.read_text())) == leaf_keys(Config().to_dict())
 
 
 def test_there_are_presets():
@@ -169,3 +169,34 @@ def test_cli_bad_value_exits_2_with_one_line(tmp_path, capsys, args, needle):
     assert lines[0].startswith("cadfl run: error:") and needle in lines[0]
     assert "Traceback" not in captured.err + captured.out
     assert not out.exists(), "nothing is written before the config is valid"
+
+
+def test_per_algorithm_overrides_change_only_that_algorithm(tmp_path):
+    path = tmp_path / "tuned.toml"
+    path.write_text('algorithms = ["fedavg", "fedprox"]\n'
+                    '[overrides.fedavg]\ntrain.lr = 0.02\n'
+                    '[overrides.fedprox]\nfedprox.mu = 0.5\ntrain.epochs = 2\n')
+    cfg = load_config(path)
+    assert cfg.train.lr == 0.05 and cfg.for_algorithm("fedavg").train.lr == 0.02
+    prox = cfg.for_algorithm("fedprox")
+    assert (prox.options_of("fedprox").mu, prox.train.epochs, prox.train.lr) == (0.5, 2, 0.05)
+    assert load_config(None, ["overrides={fedavg={train={lr=0.02}}}"]).overrides == \
+        {"fedavg": {"train": {"lr": 0.02}}}
+    # The resolved config keeps them: a resumed run trains with the same settings.
+    assert load_config(None, []).overrides == {}
+    written = tmp_path / "written.toml"
+    written.write_text(cfg.to_toml())
+    assert load_config(written) == cfg
+
+
+@pytest.mark.parametrize("table, message", [
+    ('[overrides.fedavg]\nrounds = 3\n', "overrides.fedavg: unknown 'rounds'; valid: train"),
+    ('[overrides.nope]\ntrain.lr = 0.1\n', "overrides: unknown 'nope'"),
+    ('[overrides.fedavg]\ntrain.lr = -1.0\n', "train.lr: -1.0 is out of range"),
+    ('[overrides.fedavg]\ncad.depth = 2\n', "overrides.fedavg: unknown 'cad'"),
+])
+def test_bad_overrides_are_refused_naming_the_field(tmp_path, table, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(table)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(path)

@@ -225,7 +225,7 @@ def test_others_rejection_beats_chance_on_digits(tmp_path, digits):
 
 def test_every_algorithm_runs_with_context_changes_and_others(tmp_path, digits):
     cfg = load_config(None, [
-        "devices=4", "rounds=3", "data_fraction=0.5", "cad.others=true",
+        "devices=4", "rounds=3", "data_fraction=0.5", "cad.others=true", "fed2.others=true",
         "partition.other_fraction=0.2",
         'algorithms=["cad", "fed2", "fedavg", "fedprox", "local", "central"]',
         'context=[{round=1, remove=[9]}, {round=3, devices=[0], add=[9]}]'])

@@ -1,14 +1,11 @@
-"""The federated core: payloads, the device side, aggregation, and the algorithms."""
+"""The federated core: payloads, the device side, aggregation, and the algorithms.
 
-from .cad import CAD, Fed2
-from .central import Central
-from .fedavg import FedAvg
-from .fedprox import FedProx
-from .local import Local
-from .strategy import Strategy
+Every algorithm is one module that registers its strategy (`registry.register`); importing
+it here is what puts it in `ALGORITHMS`.
+"""
 
-ALGORITHMS: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (CAD, Fed2, FedAvg, FedProx, Local, Central)
-}
+from . import cad, central, fedavg, fedprox, local  # noqa: F401  (registration)
+from .registry import ALGORITHMS, register
+from .strategy import Setting, Strategy
 
-__all__ = ["ALGORITHMS", "CAD", "Fed2", "Central", "FedAvg", "FedProx", "Local", "Strategy"]
+__all__ = ["ALGORITHMS", "Setting", "Strategy", "register"]

@@ -23,9 +23,12 @@ every device trains the whole model": the sub-model of all classes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from ..analysis.preference import class_means, preferred_class, selectivity, suggest_depth
 from ..cad.assign import (
@@ -43,11 +46,60 @@ from ..models import ModelSpec, SpecError, build_model, with_classes
 from .aggregate import MEAN, Contribution, Robustness
 from .fedavg import FedAvg
 from .payload import DeviceInfo, Payload, State, TrainConfig, Update
-from .strategy import Payloads, Strategy
+from .registry import check_one_of, check_range, register
+from .strategy import Payloads, Setting, Strategy
 
 ASSIGN_MODES = ("prior", "activation")
 
 
+@dataclass
+class CADOptions:
+    """CAD's settings (`[cad]`): where class paths start and how filters get their class."""
+
+    depth: int | str = 1  # decoupled conv layers from the end (0: classifier only), or "auto"
+    assign: str = "prior"  # prior: equal groups fixed at init; activation: the paper's way
+    warmup_rounds: int = 0  # activation: rounds of dense FedAvg before decoupling
+    checkpoint: str = ""  # activation: dense weights (.safetensors) to decouple instead
+    others: bool = False  # an "Others" path and logit: "none of my classes"
+    selectivity_threshold: float = 0.3  # depth "auto": decouple from the first conv layer
+    # whose class selectivity reaches this
+
+    def check(self, cfg: Any) -> None:
+        """ValueError naming the field if a value is out of range (`cfg.rounds` bounds the
+        warm-up)."""
+        if isinstance(self.depth, str):
+            if self.depth != "auto" or self.assign != "activation":
+                raise ValueError(f"cad.depth: {self.depth!r} is not allowed: give a number of "
+                                 "conv layers >= 0, or \"auto\" together with "
+                                 "cad.assign = \"activation\"")
+        else:
+            check_range("cad.depth", self.depth, 0)
+        check_range("cad.selectivity_threshold", self.selectivity_threshold, 0, 1)
+        check_one_of("cad.assign", self.assign, ASSIGN_MODES)
+        check_range("cad.warmup_rounds", self.warmup_rounds, 0)
+        if self.assign == "activation" and not (self.warmup_rounds or self.checkpoint):
+            raise ValueError("cad.assign='activation' needs a trained model: set "
+                             "cad.warmup_rounds >= 1 or cad.checkpoint to a dense .safetensors")
+        if self.warmup_rounds >= cfg.rounds:
+            raise ValueError(f"cad.warmup_rounds={self.warmup_rounds} leaves no CAD rounds: "
+                             f"allowed 0 to rounds-1 = {cfg.rounds - 1}")
+
+
+def load_pretrained(path: str, like: State) -> State:
+    """Dense weights from a safetensors checkpoint (e.g. a run's checkpoints/fedavg.safetensors),
+    checked against the model's own state: same keys, same shapes (ValueError otherwise)."""
+    try:
+        weights = load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"cad.checkpoint: cannot read {path}: {exc}") from None
+    bad = sorted(k for k in like if k not in weights or weights[k].shape != like[k].shape)
+    if bad:
+        raise ValueError(f"cad.checkpoint: {path} does not hold this model's weights "
+                         f"(missing or differently shaped: {', '.join(bad[:3])})")
+    return {k: weights[k] for k in like}
+
+
+@register
 class CAD(Strategy):
     """Context-aware distributed learning with class paths from `depth` (conv layers from the
     end) on.
@@ -63,6 +115,20 @@ class CAD(Strategy):
     """
 
     name = "cad"
+    summary = "context sub-models (trunk + own classes' paths), path-paired averaging"
+    family = "cad"
+    Options = CADOptions
+
+    @classmethod
+    def from_setting(cls, setting: Setting, options: CADOptions | None = None) -> CAD:
+        """CAD for a run: the dense checkpoint loaded, Others from the run's label."""
+        o = options or CADOptions()
+        pretrained = load_pretrained(o.checkpoint, setting.init) if o.checkpoint else None
+        return cls(setting.spec, setting.train, setting.devices, bn=setting.bn,
+                   robust=setting.robust, depth=o.depth, assign=o.assign,
+                   warmup_rounds=o.warmup_rounds, pretrained=pretrained,
+                   selectivity_threshold=o.selectivity_threshold,
+                   others=setting.other if o.others else None)
 
     def __init__(self, spec: ModelSpec, train: TrainConfig, devices: Sequence[DeviceInfo],
                  bn: str = "average", robust: Robustness = MEAN,
@@ -233,10 +299,35 @@ class CAD(Strategy):
         return self.configure_train(rnd, state, device_ids)
 
 
+@dataclass
+class Fed2Options:
+    """Fed2's own settings (`[fed2]`): where the groups start; it never uses CAD's
+    activation assignment or warm-up."""
+
+    depth: int = 1  # grouped conv layers from the end (0: classifier only)
+    others: bool = False  # an "Others" group and logit, as CAD's
+
+    def check(self, cfg: Any) -> None:
+        """ValueError naming the field if a value is out of range."""
+        check_range("fed2.depth", self.depth, 0)
+
+
+@register
 class Fed2(CAD):
     """Fed2: the grouped model trained whole on every device, with path-paired averaging."""
 
     name = "fed2"
+    summary = "Fed2 (KDD 2021): the same grouped model trained whole on every device"
+    family = "sub-model"
+    Options = Fed2Options
+
+    @classmethod
+    def from_setting(cls, setting: Setting, options: Fed2Options | None = None) -> Fed2:
+        """Fed2 for a run: groups fixed at initialisation from its own depth."""
+        o = options or Fed2Options()
+        return cls(setting.spec, setting.train, setting.devices, bn=setting.bn,
+                   robust=setting.robust, depth=o.depth,
+                   others=setting.other if o.others else None)
 
     def device_classes(self, device: int) -> tuple[int, ...]:
         """Every class: devices train the full grouped model (paths of absent classes get

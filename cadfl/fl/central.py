@@ -9,15 +9,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .payload import State
+from .registry import register
 from .strategy import Payloads, Strategy, Updates
 
 POOLED = -1
 
 
+@register
 class Central(Strategy):
     """Plain training on the pooled data."""
 
     name = "central"
+    summary = "all devices' data pooled in one place: the upper bound"
+    family = "reference"
     communicates = False
 
     def configure_train(self, rnd: int, state: State, device_ids: Sequence[int]) -> Payloads:

@@ -3,16 +3,32 @@ device's loss, which limits how far a device drifts from the global model on ske
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 from .fedavg import FedAvg
 from .payload import TrainConfig
+from .registry import check_range, register
 
 
+@dataclass
+class FedProxOptions:
+    """FedProx's proximal strength (`[fedprox]`)."""
+
+    mu: float = 0.01
+
+    def check(self, cfg: Any) -> None:
+        """ValueError naming the field if a value is out of range."""
+        check_range("fedprox.mu", self.mu, 0)
+
+
+@register
 class FedProx(FedAvg):
     """FedAvg whose devices train with a proximal term of strength `mu`."""
 
     name = "fedprox"
+    summary = "FedAvg with a proximal term (mu/2)||w - w_global||^2 on the devices"
+    Options = FedProxOptions
 
     def __init__(self, *args, mu: float = 0.01, **kwargs) -> None:
         super().__init__(*args, **kwargs)

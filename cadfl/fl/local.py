@@ -12,15 +12,20 @@ from collections.abc import Sequence
 
 from ..models import ModelSpec
 from .payload import Payload, State
+from .registry import register
 from .strategy import Payloads, Strategy, Updates
 
 EVERYTHING = ("*",)
 
 
+@register
 class Local(Strategy):
     """Each device keeps and trains its own copy of the model."""
 
     name = "local"
+    summary = "every device trains its own model alone (is federating worth it?)"
+    family = "reference"
+    judged_by = "context_acc"
     context_from_global = False
     communicates = False
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 from ..cad.grow import grow_dense
@@ -37,8 +37,29 @@ def device_seed(seed: int, rnd: int, device: int) -> int:
     return (seed * 1_000_003 + rnd * 10_007 + device + 1) % (2**63)
 
 
+@dataclass
+class Setting:
+    """What every strategy of a run is built from: the dense model, the device training
+    settings, the devices, the batch-norm mode, the aggregation rule, the label of
+    out-of-context images (Others; None when the run has none) and the initial weights."""
+
+    spec: ModelSpec
+    train: TrainConfig
+    devices: Sequence[DeviceInfo]
+    bn: str = "average"
+    robust: Robustness = MEAN
+    other: int | None = None
+    init: State | None = None
+
+
 class Strategy(ABC):
     """A federated algorithm: payloads out, updates in.
+
+    Class attributes say what it is: `name` (registry key), `summary` (one line for `--help`),
+    `family` (global, personalised, sub-model, cad, or reference) and `judged_by` (the metric
+    to compare it on: global_acc, context_acc, or both), and `Options`, the dataclass of its
+    settings (the config's `[NAME]` table, with a `check(cfg)` that raises ValueError naming
+    the field), or None.
 
     `context_from_global` says that a device's own model is the global model restricted to the
     device's classes, so the engine can score every device from one pass of the global model.
@@ -50,6 +71,10 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    family: ClassVar[str] = "global"
+    judged_by: ClassVar[str] = "both"
+    Options: ClassVar[type | None] = None
     context_from_global: ClassVar[bool] = True
     communicates: ClassVar[bool] = True
 
@@ -60,6 +85,12 @@ class Strategy(ABC):
         self.spec, self.train, self.bn, self.robust = spec, train, bn, robust
         self.devices = {d.id: d for d in devices}
         self.notes: dict = {}
+
+    @classmethod
+    def from_setting(cls, setting: Setting, options: Any = None) -> Strategy:
+        """The strategy for a run: its setting, and its `Options` as keyword arguments."""
+        return cls(setting.spec, setting.train, setting.devices, bn=setting.bn,
+                   robust=setting.robust, **(asdict(options) if options is not None else {}))
 
     def initial_state(self, weights: State) -> State:
         """The round-0 global state from the dense model's initial weights."""

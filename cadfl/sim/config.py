@@ -7,7 +7,6 @@ x 5 classes, a few dozen rounds): `cadfl run` with no config runs it.
 
 from __future__ import annotations
 
-import math
 import sys
 import types
 import typing
@@ -17,6 +16,7 @@ from typing import Any
 
 import tomli_w
 
+from ..fl.registry import check_one_of, check_range
 from ..runtime.compute import DEVICE_PATTERN
 
 if sys.version_info >= (3, 11):
@@ -27,6 +27,25 @@ else:  # pragma: no cover
 
 class ConfigError(ValueError):
     """A config value that is missing, of the wrong type or out of range."""
+
+
+# What `[overrides.NAME]` may change for one algorithm: how its devices train, and its own
+# settings; never the experiment (data, partition, model, rounds, seed) all share.
+OVERRIDABLE = ("train",)
+
+
+def default_options() -> dict[str, Any]:
+    """Every registered algorithm's settings at their defaults."""
+    from ..fl import ALGORITHMS
+
+    return {name: cls.Options() for name, cls in ALGORITHMS.items() if cls.Options is not None}
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
 
 
 @dataclass
@@ -52,13 +71,6 @@ class TrainSection:
 
 
 @dataclass
-class FedProxConfig:
-    """FedProx's proximal strength."""
-
-    mu: float = 0.01
-
-
-@dataclass
 class AggregationConfig:
     """How the cloud combines the holders of each parameter (robust rules for hostile devices)."""
 
@@ -75,19 +87,6 @@ class FaultsConfig:
     straggler: float = 0.0  # the device does only a random part of its local steps
     corrupt: float = 0.0  # the device returns NaNs or a tensor of the wrong shape
     byzantine: float = 0.0  # the device sends its update sign-flipped or scaled by 10
-
-
-@dataclass
-class CadConfig:
-    """CAD and Fed2: where class paths start and how filters are assigned to classes."""
-
-    depth: int | str = 1  # decoupled conv layers from the end (0: classifier only), or "auto"
-    assign: str = "prior"  # prior: equal groups fixed at init; activation: the paper's way
-    warmup_rounds: int = 0  # activation: rounds of dense FedAvg before decoupling
-    checkpoint: str = ""  # activation: dense weights (.safetensors) to decouple instead
-    others: bool = False  # an "Others" path and logit: "none of my classes"
-    selectivity_threshold: float = 0.3  # depth "auto": decouple from the first conv layer
-    # whose class selectivity reaches this
 
 
 @dataclass
@@ -156,8 +155,6 @@ class Config:
     min_devices: int = 1
     round_deadline: float = 600.0
     train: TrainSection = field(default_factory=TrainSection)
-    fedprox: FedProxConfig = field(default_factory=FedProxConfig)
-    cad: CadConfig = field(default_factory=CadConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     context: list[ContextChange] = field(default_factory=list)
@@ -166,10 +163,29 @@ class Config:
     store_memory_mb: int = 512
     eval_devices: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    options: dict[str, Any] = field(default_factory=lambda: default_options())
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (what is written to the run directory)."""
-        return asdict(self)
+        """Plain nested dict (what is written to the run directory): each algorithm's
+        settings as its own `[NAME]` table, per-algorithm overrides as `[overrides.NAME]`."""
+        data = asdict(self)
+        data.update(data.pop("options"))
+        return data
+
+    def options_of(self, algorithm: str) -> Any:
+        """The settings of `algorithm` (its `Options` dataclass; None if it takes none)."""
+        return self.options.get(algorithm)
+
+    def for_algorithm(self, algorithm: str) -> Config:
+        """The config `algorithm` runs with: this one, with its `[overrides.NAME]` applied
+        (e.g. its own tuned learning rate)."""
+        changes = self.overrides.get(algorithm)
+        if not changes:
+            return self
+        data = self.to_dict()
+        data.pop("overrides")
+        return config_from_dict(_merged(data, changes))
 
     def to_toml(self) -> str:
         """The resolved config as TOML text."""
@@ -212,7 +228,7 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
+    names = [f.name for f in fields(cls) if f.name != "options"]
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(prefix + u for u in unknown)}; "
@@ -223,11 +239,10 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def _range(name: str, value: float, low: float, high: float | None = None,
            low_open: bool = False) -> None:
-    bad = value <= low if low_open else value < low
-    if bad or (high is not None and value > high) or not math.isfinite(value):  # nan, inf
-        left = "(" if low_open else "["
-        right = f"{high}]" if high is not None else "inf)"
-        raise ConfigError(f"{name}: {value!r} is out of range, allowed {left}{low}, {right}")
+    try:
+        check_range(name, value, low, high, low_open)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def validate(cfg: Config) -> Config:
@@ -237,9 +252,10 @@ def validate(cfg: Config) -> Config:
     from ..models import MODELS
 
     def one_of(name: str, value: str, valid: typing.Iterable[str]) -> None:
-        valid = list(valid)
-        if value not in valid:
-            raise ConfigError(f"{name}: unknown {value!r}; valid: {', '.join(valid)}")
+        try:
+            check_one_of(name, value, valid)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     one_of("dataset", cfg.dataset, DATASETS)
     one_of("model", cfg.model, MODELS)
@@ -287,28 +303,22 @@ def validate(cfg: Config) -> Config:
     _range("train.lr", cfg.train.lr, 0, low_open=True)
     _range("train.momentum", cfg.train.momentum, 0, 1)
     _range("train.weight_decay", cfg.train.weight_decay, 0)
-    _range("fedprox.mu", cfg.fedprox.mu, 0)
-    if isinstance(cfg.cad.depth, str):
-        if cfg.cad.depth != "auto" or cfg.cad.assign != "activation":
-            raise ConfigError(f"cad.depth: {cfg.cad.depth!r} is not allowed: give a number of "
-                              "conv layers >= 0, or \"auto\" together with "
-                              "cad.assign = \"activation\"")
-    else:
-        _range("cad.depth", cfg.cad.depth, 0)
     one_of("aggregation.rule", cfg.aggregation.rule, ("mean", "median", "trimmed_mean"))
     _range("aggregation.trim", cfg.aggregation.trim, 0, 0.49)
     _range("aggregation.clip", cfg.aggregation.clip, 0)
     for name in ("dropout", "straggler", "corrupt", "byzantine"):
         _range(f"faults.{name}", getattr(cfg.faults, name), 0, 1)
-    _range("cad.selectivity_threshold", cfg.cad.selectivity_threshold, 0, 1)
-    one_of("cad.assign", cfg.cad.assign, ("prior", "activation"))
-    _range("cad.warmup_rounds", cfg.cad.warmup_rounds, 0)
-    if cfg.cad.assign == "activation" and not (cfg.cad.warmup_rounds or cfg.cad.checkpoint):
-        raise ConfigError("cad.assign='activation' needs a trained model: set "
-                          "cad.warmup_rounds >= 1 or cad.checkpoint to a dense .safetensors")
-    if cfg.cad.warmup_rounds >= cfg.rounds:
-        raise ConfigError(f"cad.warmup_rounds={cfg.cad.warmup_rounds} leaves no CAD rounds: "
-                          f"allowed 0 to rounds-1 = {cfg.rounds - 1}")
+    for options in cfg.options.values():
+        try:
+            options.check(cfg)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    for name, changes in cfg.overrides.items():
+        one_of("overrides", name, ALGORITHMS)
+        allowed = (*OVERRIDABLE, *([name] if name in cfg.options else []))
+        for key in changes:
+            one_of(f"overrides.{name}", key, allowed)
+        cfg.for_algorithm(name)  # its values are checked like any other
     return cfg
 
 
@@ -326,8 +336,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """The validated config from a nested dict (e.g. `Config.to_dict()` sent to a device)."""
-    return validate(_from_dict(Config, data))
+    """The validated config from a nested dict (e.g. `Config.to_dict()` sent to a device).
+
+    A top-level table named after an algorithm holds that algorithm's settings (its
+    `Options`); algorithms not given get their defaults.
+    """
+    from ..fl import ALGORITHMS
+
+    data = dict(data)
+    tables = {name: data.pop(name) for name in list(data)
+              if name in ALGORITHMS and ALGORITHMS[name].Options is not None}
+    overrides = data.pop("overrides", {})
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict)
+                                                 for v in overrides.values()):
+        raise ConfigError("overrides: expected tables [overrides.NAME] of settings, got "
+                          f"{overrides!r}")
+    cfg = _from_dict(Config, data)
+    cfg.options = {name: _check_type(name, tables.get(name, {}), cls.Options)
+                   for name, cls in ALGORITHMS.items() if cls.Options is not None}
+    cfg.overrides = overrides
+    return validate(cfg)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

@@ -19,13 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..data.datasets import Dataset, load_dataset
 from ..data.partition import Partition, make_partition, share_classes
-from ..fl import ALGORITHMS, Strategy
+from ..fl import ALGORITHMS, Setting, Strategy
 from ..fl.aggregate import Robustness
 from ..fl.central import POOLED
 from ..fl.device import DeviceData, accuracy, label_map, predict
@@ -155,7 +153,9 @@ class Experiment:
             spec = spec.replace_layers(list(spec.layers), first)
         torch.manual_seed(cfg.seed)
         init = {k: v.clone() for k, v in build_model(spec).state_dict().items()}
-        other = ds.num_classes if cfg.cad.others or cfg.partition.other_fraction else None
+        others_path = any(cfg.options_of(a).others for a in ("cad", "fed2")
+                          if a in cfg.algorithms)
+        other = ds.num_classes if others_path or cfg.partition.other_fraction else None
         others = out_of_context(ds.train_y, kept, schedule.held, list(map(len, part.indices)),
                                 cfg.partition.other_fraction, cfg.seed)
         exp = cls(cfg, ds, part, spec, init, schedule, compute, other, others)
@@ -224,25 +224,25 @@ class Experiment:
             return DeviceData(x, y, space, ds.mean, ds.std, ds.crop_padding, ds.flip)
         return DeviceData(x, y, space, ds.mean, ds.std, ds.crop_padding, ds.flip, index=idx)
 
-    def train_config(self) -> TrainConfig:
-        """The base device training settings of this config."""
-        t = self.cfg.train
+    def train_config(self, cfg: Config | None = None) -> TrainConfig:
+        """The base device training settings of `cfg` (default: this experiment's)."""
+        cfg = cfg or self.cfg
+        t = cfg.train
         return TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
-                           momentum=t.momentum, weight_decay=t.weight_decay, seed=self.cfg.seed,
+                           momentum=t.momentum, weight_decay=t.weight_decay, seed=cfg.seed,
                            augment=t.augment)
 
     def strategy(self, name: str) -> Strategy:
-        """A fresh strategy of algorithm `name` on this experiment."""
-        cfg = self.cfg
-        pretrained = load_pretrained(cfg.cad.checkpoint, self.init) if cfg.cad.checkpoint else None
-        cad = {"depth": cfg.cad.depth, "assign": cfg.cad.assign,
-               "warmup_rounds": cfg.cad.warmup_rounds, "pretrained": pretrained,
-               "selectivity_threshold": cfg.cad.selectivity_threshold,
-               "others": self.other if cfg.cad.others else None}
-        options = {"fedprox": {"mu": cfg.fedprox.mu}, "cad": cad, "fed2": cad}
+        """A fresh strategy of algorithm `name` on this experiment, with its own settings
+        and overrides (ConfigError if they do not fit the model)."""
+        cfg = self.cfg.for_algorithm(name)
         robust = Robustness(cfg.aggregation.rule, cfg.aggregation.trim, cfg.aggregation.clip)
-        return ALGORITHMS[name](self.spec, self.train_config(), self.devices, bn=cfg.bn,
-                                robust=robust, **options.get(name, {}))
+        setting = Setting(self.spec, self.train_config(cfg), self.devices, cfg.bn, robust,
+                          self.other, self.init)
+        try:
+            return ALGORITHMS[name].from_setting(setting, cfg.options_of(name))
+        except ValueError as exc:  # e.g. a depth the model cannot take, a bad checkpoint
+            raise ConfigError(f"{name}: {exc}") from None
 
     def runtime(self, store_dir: Path | None = None) -> Runtime:
         """The device side for one algorithm: this experiment's data, and a store of what
@@ -447,20 +447,6 @@ def context_scores(logits: torch.Tensor, y: torch.Tensor, spec: ModelSpec,
     reject = (pred[~inside] == other).float().mean().item() if (~inside).any() else math.nan
     in_acc = (pred[inside] == y[inside]).float().mean().item() if inside.any() else math.nan
     return acc, reject, in_acc
-
-
-def load_pretrained(path: str, like: State) -> State:
-    """Dense weights from a safetensors checkpoint (e.g. a run's checkpoints/fedavg.safetensors),
-    checked against the model's own state: same keys, same shapes."""
-    try:
-        weights = load_file(path)
-    except (OSError, SafetensorError) as exc:
-        raise ConfigError(f"cad.checkpoint: cannot read {path}: {exc}") from None
-    bad = sorted(k for k in like if k not in weights or weights[k].shape != like[k].shape)
-    if bad:
-        raise ConfigError(f"cad.checkpoint: {path} does not hold this model's weights "
-                          f"(missing or differently shaped: {', '.join(bad[:3])})")
-    return {k: weights[k] for k in like}
 
 
 def _round_line(algorithm: str, rnd: int, stats: dict, evals: dict) -> dict:

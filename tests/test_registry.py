@@ -1,0 +1,67 @@
+"""Adding an algorithm is one registered class: no edit of the engine or the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from cadfl.fl import ALGORITHMS
+from cadfl.fl.fedavg import FedAvg
+from cadfl.fl.payload import State
+from cadfl.fl.registry import check_range, register
+from cadfl.sim.checkpoint import load_checkpoint
+from cadfl.sim.config import ConfigError, load_config
+from cadfl.sim.engine import run_experiment
+
+
+@dataclass
+class ShrinkOptions:
+    factor: float = 0.5
+
+    def check(self, cfg: Any) -> None:
+        check_range("shrink.factor", self.factor, 0, 1)
+
+
+@pytest.fixture
+def shrink():
+    @register
+    class Shrink(FedAvg):
+        """FedAvg whose global weights are scaled by `factor` after every round."""
+
+        name = "shrink"
+        summary = "a test algorithm"
+        Options = ShrinkOptions
+
+        def __init__(self, *args, factor: float = 0.5, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.factor = factor
+
+        def aggregate_train(self, rnd: int, state: State, updates) -> State:
+            merged = super().aggregate_train(rnd, state, updates)
+            return {k: v * self.factor if v.is_floating_point() else v
+                    for k, v in merged.items()}
+
+    yield Shrink
+    ALGORITHMS.pop("shrink")
+
+
+def test_a_registered_algorithm_runs_with_its_own_settings(tmp_path, digits, shrink):
+    cfg = load_config(None, ['algorithms=["shrink"]', "rounds=1", "devices=2",
+                             "shrink.factor=0.25"])
+    assert cfg.options_of("shrink").factor == 0.25
+    run_experiment(cfg, tmp_path, quiet=True, dataset=digits)
+    state, _ = load_checkpoint(tmp_path / "checkpoints", "shrink")
+    assert state["fc1.bias"].abs().max() < 1.0
+    with pytest.raises(ConfigError, match=r"shrink.factor: 2.0 is out of range"):
+        load_config(None, ['algorithms=["shrink"]', "shrink.factor=2.0"])
+
+
+def test_every_algorithm_says_what_it_is():
+    for name, cls in ALGORITHMS.items():
+        assert cls.name == name and cls.summary, name
+        assert cls.family in ("global", "personalised", "sub-model", "cad", "reference"), name
+        assert cls.judged_by in ("global_acc", "context_acc", "both"), name
+
+
