@@ -66,8 +66,9 @@ def test_adding_a_class_leaves_every_existing_output_unchanged(case, seed, new):
     spec1, weights1 = cad.global_model(grown)
     assert spec1.class_ids == (*old_classes, *new)
     after = predict(spec1, weights1, x, MEAN, STD)
-    # Equal up to the float rounding of a wider matrix product (BLAS blocks by shape).
-    assert torch.allclose(after[:, :len(old_classes)], before, rtol=1e-5, atol=1e-7)
+    # Equal up to the float rounding of a wider matrix product (BLAS blocks by shape): a few
+    # float32 ulps of logits of magnitude ~1 (3e-7 seen).
+    assert torch.allclose(after[:, :len(old_classes)], before, rtol=1e-5, atol=1e-6)
     # A device without the new classes gets exactly the sub-model it got before.
     sub_spec, sub_state, _ = extract(cad.decoupling, weights1, old_classes[1:3])
     assert sub_spec == others_sub[0]
