@@ -91,6 +91,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="cadfl: in-process simulation (default); flower: the same run through "
                    "Flower's simulation engine, one SuperNode per device "
                    "(needs pip install 'cadfl[flower]'; see docs/flower.md)")
+    p.add_argument("--flower-gpus", type=float, default=0.0, metavar="SHARE",
+                   help="--engine flower: the share of a GPU each ClientApp gets (e.g. 0.25: "
+                   "four per GPU); 0 (default) hides GPUs from the clients")
     p.set_defaults(handler=_cmd_run)
 
 
@@ -129,7 +132,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise UserError("--engine flower needs Flower: pip install 'cadfl[flower]'")
         from .flower.simulation import run_flower_simulation
 
-        lines = run_flower_simulation(cfg, out, quiet=args.quiet, resume=bool(args.resume))
+        if not 0 <= args.flower_gpus <= 1:
+            raise UserError(f"--flower-gpus {args.flower_gpus}: allowed 0 to 1 (a GPU share)")
+        lines = run_flower_simulation(cfg, out, quiet=args.quiet, resume=bool(args.resume),
+                                      gpus_per_client=args.flower_gpus)
     else:
         lines = run_experiment(cfg, out, resume=bool(args.resume), quiet=args.quiet)
     print(text_table(summarize(lines, cfg.target_acc, cfg.sampled_per_round())))

@@ -59,7 +59,7 @@ def decode_payload(content: RecordDict) -> tuple[Payload, str]:
     config = content.config_records[PAYLOAD]
     payload = Payload(spec=ModelSpec.from_dict(json.loads(str(config["spec"]))),
                       state=_from_record(content.array_records[STATE]),
-                      config=TrainConfig(**json.loads(str(config["train"]))),
+                      config=TrainConfig.from_dict(json.loads(str(config["train"]))),
                       task=str(config["task"]),
                       keep=tuple(json.loads(str(config["keep"]))),
                       private=tuple(json.loads(str(config["private"]))))

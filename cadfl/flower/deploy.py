@@ -155,6 +155,9 @@ class Deployment:
     num_nodes: int
     tls: TLS | None = None
     auth: bool = False  # SuperNode authentication: only registered node keys may join (TLS)
+    # Flower's simulation runtime instead of SuperNodes: the connection's `options`
+    # (num-supernodes, backend); the SuperLink runs the ClientApps itself, with Ray.
+    simulation: dict | None = None
     startup_timeout: float = 60.0
     procs: list[subprocess.Popen] = field(default_factory=list)
     seen: dict[int, int] = field(default_factory=dict)  # every pid it ever saw: start time
@@ -195,6 +198,8 @@ class Deployment:
             conn["root-certificates"] = str(Path(self.tls.cafile).resolve())
         else:
             conn["insecure"] = True
+        if self.simulation:
+            conn["options"] = self.simulation
         path = Path(self.env["FLWR_HOME"]) / "config.toml"
         path.write_text(tomli_w.dumps({"superlink": {"default": CONNECTION,
                                                      CONNECTION: conn}}))
@@ -244,6 +249,8 @@ class Deployment:
                     if self.tls else ["--insecure"])
         if self.auth:
             security.append("--enable-supernode-auth")
+        if self.simulation:
+            security.append("--simulation")
         link = self._start("superlink", [
             _tool("flower-superlink"), *security, "--host", HOST,
             "--port", str(self.superlink_port), "--disable-runtime-dependency-installation"])

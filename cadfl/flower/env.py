@@ -17,6 +17,8 @@ FIXED = {
     # One compute thread per worker process: workers already run side by side.
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
+    # How often a SuperExec asks for work (default 1 s): a message waits for it twice a round.
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
 }
 
 

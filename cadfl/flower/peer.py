@@ -37,7 +37,7 @@ def train(msg: Message, context: Context) -> Message:
     _threads()
     cfg = msg.content["config"]
     spec = ModelSpec.from_dict(json.loads(str(cfg["spec"])))
-    base = TrainConfig(**json.loads(str(cfg["train"])))
+    base = TrainConfig.from_dict(json.loads(str(cfg["train"])))
     pid = node_partition(context)
     rnd = int(cfg["server-round"])
     state = msg.content["arrays"].to_torch_state_dict()

@@ -15,6 +15,7 @@ Run config keys (`[tool.flwr.app.config]` in pyproject.toml, `flwr run --run-con
   timeout  seconds to wait at the start for a node per device (the run goes on with those
            connected then; the others join when they connect); how long a round waits for
            its answers is the experiment's `round_deadline`
+  resume   continue the run in `out` from its last checkpoints (`cadfl run --resume`)
 """
 
 from __future__ import annotations
@@ -254,21 +255,6 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """`flwr run` entry point: the experiment of the run config, through the connected nodes."""
     cfg, out, timeout = config_from_run_config(dict(context.run_config))
-    run_on_grid(grid, cfg, out, timeout, on_round=_print_round)
+    run_on_grid(grid, cfg, out, timeout, on_round=_print_round,
+                resume=bool(context.run_config.get("resume", False)))
     print(f"cadfl: run directory {out.resolve()}", flush=True)
-
-
-def make_server_app(cfg: Config, out: Path, timeout: float = 600.0, quiet: bool = True,
-                    result: list | None = None, resume: bool = False) -> ServerApp:
-    """A ServerApp bound to one in-memory config (for the simulation engine); the metric
-    lines are appended to `result`."""
-    server = ServerApp()
-
-    @server.main()
-    def _main(grid: Grid, context: Context) -> None:
-        lines = run_on_grid(grid, cfg, out, timeout, quiet=quiet,
-                            on_round=None if quiet else _print_round, resume=resume)
-        if result is not None:
-            result.extend(lines)
-
-    return server
