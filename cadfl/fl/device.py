@@ -17,7 +17,17 @@ from torch import nn
 from ..analysis.preference import class_activation_sums
 from ..data.augment import random_crop_flip, to_float
 from ..models import ModelSpec, build_model
-from .payload import TASKS, Payload, State, Update
+from .payload import (
+    CONTROL,
+    OWN_CONTROL,
+    PERSONAL,
+    TASKS,
+    Payload,
+    State,
+    Update,
+    matches,
+    model_part,
+)
 
 EVAL_BATCH = 1000
 _train_flops_cache: dict[tuple, int] = {}
@@ -119,56 +129,136 @@ def train_flops_per_sample(spec: ModelSpec) -> int:
 def train_local(payload: Payload, data: DeviceData) -> Update:
     """Train the payload's model on the device's data and return the update.
 
-    Local SGD for `config.epochs` epochs with cross-entropy over the model's own classes, plus
-    FedProx's proximal term (mu/2)||w - w_global||^2 when `config.mu` > 0; a straggler
-    (`config.fraction` < 1) stops after that share of the SGD steps. All randomness
-    (order, augmentation, dropout) comes from `config.seed`, so a device's training is a pure
-    function of its payload and data.
+    Local SGD for `config.epochs` epochs with cross-entropy over the model's own classes; a
+    straggler (`config.fraction` < 1) stops after that share of the SGD steps. The config's
+    hooks (FedProx's proximal term, FedRep's head-then-body schedule, Ditto's personal model,
+    SCAFFOLD's control variates, HeteroFL's label split: see `TrainConfig`) change the
+    objective or the schedule, never the algorithm-free shape of this function. All
+    randomness (order, augmentation, dropout) comes from `config.seed`, so a device's
+    training is a pure function of its payload and data.
     """
-    cfg = payload.config
-    # Each batch is gathered from the shared tensor and normalised on its own (the same
-    # values as normalising the device's images at once, less copying).
-    rows, y, global_y = own_samples(payload.spec, data)
-    n, dev = len(y), data.compute
+    cfg, spec = payload.config, payload.spec
+    rows, y, global_y = own_samples(spec, data)
+    dev = data.compute
+    received = model_part(payload.state)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        gen = torch.Generator(dev).manual_seed(cfg.seed)
-        model = load_model(payload.spec, payload.state, dev).train()
-        params = list(model.parameters())
-        anchor = [p.detach().clone() for p in params] if cfg.mu > 0 else None
+        loop = _LocalSGD(payload, data, rows, y, torch.Generator(dev).manual_seed(cfg.seed))
+        model = load_model(spec, received, dev).train()
+        out: State = {}
+        if cfg.personal_lambda > 0:  # Ditto: the personal model first, anchored at w_received
+            own = model_part(payload.state, PERSONAL) or received
+            personal = load_model(spec, own, dev).train()
+            loop.run(personal, loop.named(personal), cfg.epochs, prox=cfg.personal_lambda,
+                     anchor=received)
+            out.update({PERSONAL + k: v for k, v in _cpu_state(personal).items()})
+        control = _control_terms(payload.state, dev) if cfg.control else None
+        start_steps = loop.steps_done
+        if cfg.head_epochs:  # FedRep: the head alone, then the body alone
+            head = {n: p for n, p in loop.named(model).items() if matches(n, cfg.head)}
+            body = {n: p for n, p in loop.named(model).items() if n not in head}
+            loop.run(model, head, cfg.head_epochs, prox=cfg.mu, anchor=received)
+            loop.run(model, body, cfg.epochs, prox=cfg.mu, anchor=received)
+        else:
+            loop.run(model, loop.named(model), cfg.epochs, prox=cfg.mu, anchor=received,
+                     control=control)
+        state = _cpu_state(model)
+        if control is not None:  # SCAFFOLD option II: c_i+ = c_i - c + (x - y) / (K lr)
+            k = max(loop.steps_done - start_steps, 1)
+            for name, (c, ci) in control.items():
+                new_ci = ci.cpu() - c.cpu() + (received[name] - state[name]) / (k * cfg.lr)
+                out[CONTROL + name] = new_ci - ci.cpu()
+                out[OWN_CONTROL + name] = new_ci
+    return Update(
+        state={**state, **out}, num_samples=len(y),
+        class_counts=torch.bincount(global_y, minlength=data.num_classes).tolist(),
+        metrics={"train_loss": loop.mean_loss(),
+                 "train_flops": float(train_flops_per_sample(spec) * loop.seen)})
+
+
+def _cpu_state(model: nn.Module) -> State:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def _control_terms(state: State, dev: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Per parameter: the server's control variate and the device's own (zero at first)."""
+    server, own = model_part(state, CONTROL), model_part(state, OWN_CONTROL)
+    return {n: (c.to(dev), own.get(n, torch.zeros_like(c)).to(dev)) for n, c in server.items()}
+
+
+class _LocalSGD:
+    """The local SGD loop over one device's samples, shared by every phase of `train_local`:
+    it draws batch order and augmentation from one generator and counts steps, samples and
+    loss across phases (the straggler's step budget included)."""
+
+    def __init__(self, payload: Payload, data: DeviceData, rows: torch.Tensor, y: torch.Tensor,
+                 gen: torch.Generator) -> None:
+        self.cfg, self.data, self.rows, self.y, self.gen = payload.config, data, rows, y, gen
+        n, cfg = len(y), payload.config
+        epochs = cfg.epochs * (1 + (cfg.personal_lambda > 0)) + cfg.head_epochs
+        self.budget = math.ceil(cfg.fraction * epochs * math.ceil(n / cfg.batch_size))
+        self.steps_done = self.seen = 0
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=data.compute)
+        # Label split: logits of the classes the device has no samples of take no part.
+        self.mask = None
+        if cfg.mask_absent:
+            present = torch.zeros(payload.spec.num_classes, dtype=torch.bool, device=y.device)
+            present[y] = True
+            self.mask = torch.where(present, 0.0, float("-inf"))
+
+    @staticmethod
+    def named(model: nn.Module) -> dict[str, nn.Parameter]:
+        """The model's parameters by state-dict name."""
+        return dict(model.named_parameters())
+
+    def run(self, model: nn.Module, params: dict[str, nn.Parameter], epochs: int,
+            prox: float = 0.0, anchor: State | None = None,
+            control: dict[str, tuple[torch.Tensor, ...]] | None = None) -> None:
+        """`epochs` epochs of SGD on `params` only (the others stay as they are), with the
+        proximal term (prox/2)||w - anchor||^2 when `prox` > 0 and SCAFFOLD's gradient
+        correction with `control`."""
+        cfg, data, n = self.cfg, self.data, len(self.y)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        names, plist = list(params), list(params.values())
+        centre = ([anchor[k].to(data.compute) for k in names] if prox > 0 and anchor is not None
+                  else None)
         # foreach: one fused update over all tensors (torch's default only on CUDA)
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+        opt = torch.optim.SGD(plist, lr=cfg.lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay, foreach=True)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        steps = math.ceil(cfg.fraction * cfg.epochs * math.ceil(n / cfg.batch_size))
-        seen = 0
-        for _ in range(cfg.epochs):
-            order = torch.randperm(n, generator=gen, device=dev)
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=self.gen, device=data.compute)
             for start in range(0, n, cfg.batch_size):
-                if steps <= 0:
-                    break
-                steps -= 1
+                if self.steps_done >= self.budget:
+                    return
+                self.steps_done += 1
                 idx = order[start:start + cfg.batch_size]
-                xb = to_float(data.images[rows[idx]], data.mean, data.std)
+                xb = to_float(data.images[self.rows[idx]], data.mean, data.std)
                 if cfg.augment:
-                    xb = random_crop_flip(xb, data.crop_padding, data.flip, gen)
-                ce = F.cross_entropy(model(xb), y[idx])
+                    xb = random_crop_flip(xb, data.crop_padding, data.flip, self.gen)
+                logits = model(xb)
+                if self.mask is not None:
+                    logits = logits + self.mask
+                ce = F.cross_entropy(logits, self.y[idx])
                 loss = ce
-                if anchor is not None:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                    loss = ce + cfg.mu / 2 * prox
+                if centre is not None:
+                    loss = ce + prox / 2 * sum(((p - a) ** 2).sum()
+                                               for p, a in zip(plist, centre, strict=True))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if control is not None:
+                    for name, p in zip(names, plist, strict=True):
+                        c, ci = control[name]
+                        p.grad.add_(c - ci)
                 opt.step()
-                loss_sum += ce.detach() * len(idx)
-                seen += len(idx)
-    state = {k: v.detach().to("cpu", copy=True).contiguous()
-             for k, v in model.state_dict().items()}
-    return Update(
-        state=state, num_samples=n,
-        class_counts=torch.bincount(global_y, minlength=data.num_classes).tolist(),
-        metrics={"train_loss": float(loss_sum) / max(seen, 1),
-                 "train_flops": float(train_flops_per_sample(payload.spec) * seen)})
+                self.loss_sum += ce.detach() * len(idx)
+                self.seen += len(idx)
+
+    def mean_loss(self) -> float:
+        """Mean cross-entropy per sample seen."""
+        return float(self.loss_sum) / max(self.seen, 1)
 
 
 def report_activations(payload: Payload, data: DeviceData) -> Update:

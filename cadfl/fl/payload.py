@@ -20,7 +20,21 @@ State = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How a device trains its model: local SGD settings, FedProx's mu and the seed."""
+    """How a device trains its model: local SGD settings, the seed, and the hooks that
+    algorithms switch on (each a property of the local objective or schedule, not of an
+    algorithm's name):
+
+    - `mu` > 0: FedProx's proximal term (mu/2)||w - w_received||^2.
+    - `head` (glob patterns of parameter names) with `head_epochs` > 0: first `head_epochs`
+      epochs on the head alone, then `epochs` on the rest alone (FedRep).
+    - `personal_lambda` > 0: the device also trains its personal model (`personal/` tensors,
+      starting from the received model the first time) with the proximal term
+      (lambda/2)||v - w_received||^2 towards the received model (Ditto).
+    - `control`: SCAFFOLD's corrected gradient g - c_device + c_server, with the server's
+      control variate in the payload (`control/`) and the device's own (`own_control/`).
+    - `mask_absent`: cross-entropy over the logits of the classes the device holds only
+      (HeteroFL's label split).
+    """
 
     epochs: int = 1
     batch_size: int = 64
@@ -31,10 +45,33 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     fraction: float = 1.0  # share of the local SGD steps actually done (a straggler: < 1)
+    head: tuple[str, ...] = ()
+    head_epochs: int = 0
+    personal_lambda: float = 0.0
+    control: bool = False
+    mask_absent: bool = False
 
     def to_dict(self) -> dict:
         """Plain dict form (for payload transport and run configs)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Inverse of `to_dict` (lists back to tuples)."""
+        return cls(**{**d, "head": tuple(d.get("head", ()))})
+
+
+# Tensors of a payload or update that are not the model's own: the server's control variate
+# and the device's change of it (SCAFFOLD), the device's own control variate and its personal
+# model (kept on the device). Model tensors never contain "/".
+CONTROL, OWN_CONTROL, PERSONAL = "control/", "own_control/", "personal/"
+
+
+def model_part(state: State, prefix: str = "") -> State:
+    """The model's tensors of `state` (`prefix=""`), or those under `prefix` without it."""
+    if not prefix:
+        return {k: v for k, v in state.items() if "/" not in k}
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 TASKS = ("train", "activations")

@@ -60,13 +60,16 @@ def batch_key(payload: Payload) -> tuple | None:
     """Jobs whose payloads have equal keys can train together in `train_batched`: the same
     layers, input shape and training config except the seed (class ids may differ).
 
-    None when the payload cannot be batched: a task other than training, or dropout with
-    p > 0 (its masks come from torch's global generator, which batched devices cannot share).
+    None when the payload cannot be batched: a task other than training, dropout with
+    p > 0 (its masks come from torch's global generator, which batched devices cannot share),
+    or a local-objective hook of `TrainConfig` (FedRep, Ditto, SCAFFOLD, label split).
     """
-    spec = payload.spec
+    spec, cfg = payload.spec, payload.config
     if payload.task != "train" or any(layer.kind == "dropout" and layer.p > 0
                                       for layer in spec.layers):
         return None
+    if cfg.head_epochs or cfg.personal_lambda or cfg.control or cfg.mask_absent:
+        return None  # local-objective hooks train one device at a time
     config = payload.config.to_dict()
     del config["seed"]
     return spec.input_shape, spec.layers, tuple(sorted(config.items()))

@@ -69,7 +69,8 @@ def kept_entries(spec: ModelSpec, state: State, keep: tuple[str, ...]) -> Entrie
 
 def with_kept(spec: ModelSpec, state: State, keep: tuple[str, ...], entries: Entries) -> State:
     """`state` (a payload's) with the device's own stored values in place of the cloud's,
-    wherever the device holds an entry for that tensor or class path."""
+    wherever the device holds an entry for that tensor or class path, and with the kept
+    tensors the cloud does not send at all."""
     if not entries:
         return state
     out = dict(state)
@@ -87,6 +88,10 @@ def with_kept(spec: ModelSpec, state: State, keep: tuple[str, ...], entries: Ent
             for r, v in own:
                 merged[r] = _checked(v, merged[r], key)
             out[key] = merged
+    # What the device keeps that the cloud never sends (its personal model, its control
+    # variate) joins the payload as it is.
+    out.update({k: v for k, v in entries.items()
+                if k not in state and "@" not in k and matches(k, keep)})
     return out
 
 
