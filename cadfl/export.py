@@ -331,7 +331,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, outputs: Sequence[int],
     file's `outputs`) is their label."""
     cols = torch.tensor([list(outputs).index(c) for c in classes])
     pred = torch.tensor(classes)[logits.index_select(1, cols).argmax(1)]
-    return float((pred == labels).float().mean())
+    return float((pred == labels).double().mean())
 
 
 def quantize_int8(src_path: Path, out_path: Path, calibration: torch.Tensor) -> None:
