@@ -61,7 +61,8 @@ def test_a_registered_algorithm_runs_with_its_own_settings(tmp_path, digits, shr
 def test_every_algorithm_says_what_it_is():
     for name, cls in ALGORITHMS.items():
         assert cls.name == name and cls.summary, name
-        assert cls.family in ("global", "personalised", "sub-model", "cad", "reference"), name
+        assert cls.family in ("global", "personalised", "sub-model", "grouped", "cad",
+                              "reference"), name
         assert cls.judged_by in ("global_acc", "context_acc", "both"), name
 
 

@@ -4,7 +4,19 @@ Every algorithm is one module that registers its strategy (`registry.register`);
 it here is what puts it in `ALGORITHMS`.
 """
 
-from . import cad, central, fedavg, fedprox, local  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    cad,
+    central,
+    ditto,
+    fedavg,
+    fedper,
+    fedprox,
+    fedrep,
+    fedrolex,
+    heterofl,
+    local,
+    scaffold,
+)
 from .registry import ALGORITHMS, register
 from .strategy import Setting, Strategy
 

@@ -318,7 +318,7 @@ class Fed2(CAD):
 
     name = "fed2"
     summary = "Fed2 (KDD 2021): the same grouped model trained whole on every device"
-    family = "sub-model"
+    family = "grouped"
     Options = Fed2Options
 
     @classmethod

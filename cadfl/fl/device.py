@@ -146,12 +146,6 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
         loop = _LocalSGD(payload, data, rows, y, torch.Generator(dev).manual_seed(cfg.seed))
         model = load_model(spec, received, dev).train()
         out: State = {}
-        if cfg.personal_lambda > 0:  # Ditto: the personal model first, anchored at w_received
-            own = model_part(payload.state, PERSONAL) or received
-            personal = load_model(spec, own, dev).train()
-            loop.run(personal, loop.named(personal), cfg.epochs, prox=cfg.personal_lambda,
-                     anchor=received)
-            out.update({PERSONAL + k: v for k, v in _cpu_state(personal).items()})
         control = _control_terms(payload.state, dev) if cfg.control else None
         start_steps = loop.steps_done
         if cfg.head_epochs:  # FedRep: the head alone, then the body alone
@@ -163,6 +157,12 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
             loop.run(model, loop.named(model), cfg.epochs, prox=cfg.mu, anchor=received,
                      control=control)
         state = _cpu_state(model)
+        if cfg.personal_lambda > 0:  # Ditto: then the personal model, anchored at w_received
+            own = model_part(payload.state, PERSONAL) or received
+            personal = load_model(spec, own, dev).train()
+            loop.run(personal, loop.named(personal), cfg.epochs, prox=cfg.personal_lambda,
+                     anchor=received)
+            out.update({PERSONAL + k: v for k, v in _cpu_state(personal).items()})
         if control is not None:  # SCAFFOLD option II: c_i+ = c_i - c + (x - y) / (K lr)
             k = max(loop.steps_done - start_steps, 1)
             for name, (c, ci) in control.items():

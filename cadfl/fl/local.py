@@ -24,7 +24,7 @@ class Local(Strategy):
 
     name = "local"
     summary = "every device trains its own model alone (is federating worth it?)"
-    family = "reference"
+    family = "personalised"
     judged_by = "context_acc"
     context_from_global = False
     communicates = False

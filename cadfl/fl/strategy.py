@@ -55,11 +55,11 @@ class Setting:
 class Strategy(ABC):
     """A federated algorithm: payloads out, updates in.
 
-    Class attributes say what it is: `name` (registry key), `summary` (one line for `--help`),
-    `family` (global, personalised, sub-model, cad, or reference) and `judged_by` (the metric
-    to compare it on: global_acc, context_acc, or both), and `Options`, the dataclass of its
-    settings (the config's `[NAME]` table, with a `check(cfg)` that raises ValueError naming
-    the field), or None.
+    Class attributes say what it is: `name` (registry key), `summary` (one line for
+    `--help`), `family` (global, personalised, sub-model, grouped, cad, or reference) and
+    `judged_by` (the metric to compare it on: global_acc, context_acc, or both), and
+    `Options`, the dataclass of its settings (the config's `[NAME]` table, with a
+    `check(cfg)` that raises ValueError naming the field), or None.
 
     `context_from_global` says that a device's own model is the global model restricted to the
     device's classes, so the engine can score every device from one pass of the global model.

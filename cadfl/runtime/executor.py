@@ -15,7 +15,7 @@ from dataclasses import replace
 from itertools import islice
 
 from ..fl.device import DeviceData, run_task
-from ..fl.payload import Payload, State, Update
+from ..fl.payload import PERSONAL, Payload, State, Update, model_part
 from .store import DeviceStore, kept_entries, with_kept
 
 Job = tuple[int, Payload]
@@ -36,15 +36,18 @@ class Runtime:
         self.store = store if store is not None else DeviceStore()
         self.batch_devices = batch_devices
 
-    def own_state(self, device: int, payload: Payload) -> State:
-        """The payload's state as the device holds it: its kept tensors in place."""
-        if not payload.keep:
-            return payload.state
-        return with_kept(payload.spec, payload.state, payload.keep, self.store.get(device))
-
     def prepare(self, device: int, payload: Payload) -> Payload:
         """The payload the device actually trains: with its own kept tensors."""
-        return replace(payload, state=self.own_state(device, payload))
+        if not payload.keep:
+            return payload
+        return replace(payload, state=with_kept(payload.spec, payload.state, payload.keep,
+                                                self.store.get(device)))
+
+    def own_state(self, device: int, payload: Payload) -> State:
+        """The weights of the model the device predicts with: its personal model where it
+        keeps one (Ditto), else the payload's model with the device's kept tensors in place."""
+        state = self.prepare(device, payload).state
+        return model_part(state, PERSONAL) or model_part(state)
 
     def finish(self, device: int, payload: Payload, update: Update) -> Update:
         """Store what the device keeps; return the update without its private tensors."""

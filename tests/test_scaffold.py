@@ -1,0 +1,84 @@
+"""SCAFFOLD: the device's corrected steps and control-variate update (option II), and the
+cloud's update of the model and its control variate, each against a hand computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cadfl.data.augment import to_float
+from cadfl.fl.device import DeviceData, train_local
+from cadfl.fl.payload import CONTROL, OWN_CONTROL, DeviceInfo, Payload, TrainConfig, Update
+from cadfl.fl.scaffold import Scaffold, parameter_names
+from cadfl.models import build_loaded, build_model, get_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_device_steps_and_control_update_follow_option_two(digits):
+    spec = get_model("digits_cnn", 10)
+    torch.manual_seed(0)
+    x0 = build_model(spec).state_dict()
+    names = parameter_names(spec)
+    gen = torch.Generator().manual_seed(1)
+    c = {n: torch.randn(x0[n].shape, generator=gen) * 0.01 for n in names}
+    ci = {n: torch.randn(x0[n].shape, generator=gen) * 0.01 for n in names}
+    idx = torch.arange(120)
+    data = DeviceData(digits.train_x, digits.train_y, 10, digits.mean, digits.std, index=idx)
+    lr, steps = 0.05, 3
+    config = TrainConfig(epochs=steps, batch_size=1000, lr=lr, momentum=0.0, weight_decay=0.0,
+                         augment=False, control=True)
+    state = {**x0, **{CONTROL + n: v for n, v in c.items()},
+             **{OWN_CONTROL + n: v for n, v in ci.items()}}
+    update = train_local(Payload(spec, state, config), data)
+
+    # By hand: full-batch gradient steps corrected by c - c_i.
+    model = build_loaded(spec, {k: v.clone() for k, v in x0.items()}).train()
+    xb = to_float(digits.train_x[idx], digits.mean, digits.std)
+    for _ in range(steps):
+        model.zero_grad()
+        F.cross_entropy(model(xb), digits.train_y[idx]).backward()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p -= lr * (p.grad + c[n] - ci[n])
+    y = model.state_dict()
+    for n in names:
+        torch.testing.assert_close(update.state[n], y[n], atol=2e-5, rtol=1e-4)
+        new_ci = ci[n] - c[n] + (x0[n] - y[n]) / (steps * lr)
+        torch.testing.assert_close(update.state[OWN_CONTROL + n], new_ci, atol=2e-4, rtol=1e-3)
+        torch.testing.assert_close(update.state[CONTROL + n], new_ci - ci[n], atol=2e-4,
+                                   rtol=1e-3)
+
+
+@pytest.mark.parametrize("global_lr", [1.0, 0.5])
+def test_cloud_moves_the_model_and_control_as_the_paper_says(global_lr):
+    spec = get_model("digits_cnn", 3)
+    devices = [DeviceInfo(d, (2, 2, 2)) for d in range(5)]  # N = 5, two take part
+    strategy = Scaffold(spec, TrainConfig(), devices, global_lr=global_lr)
+    torch.manual_seed(0)
+    state = strategy.initial_state(build_model(spec).state_dict())
+    names = parameter_names(spec)
+    assert all(not state[CONTROL + n].any() for n in names)
+    gen = torch.Generator().manual_seed(2)
+    updates, samples = {}, {0: 10, 3: 30}
+    for d, n_samples in samples.items():
+        u = {k: v + torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+             for k, v in state.items() if "/" not in k}
+        u.update({CONTROL + n: torch.randn(state[CONTROL + n].shape, generator=gen)
+                  for n in names})
+        updates[d] = Update(u, n_samples, [n_samples // 3] * 3)
+    new = strategy.aggregate_train(1, state, updates.items())
+
+    w = np.array([samples[d] for d in updates], dtype=np.float64)
+    for n in names:
+        ys = np.stack([updates[d].state[n].double().numpy() for d in updates])
+        mean = np.tensordot(w / w.sum(), ys, axes=1)
+        x = state[n].double().numpy()
+        np.testing.assert_allclose(new[n].double().numpy(), x + global_lr * (mean - x),
+                                   rtol=1e-5, atol=1e-6)
+        dc = sum(updates[d].state[CONTROL + n].double().numpy() for d in updates)
+        np.testing.assert_allclose(new[CONTROL + n].double().numpy(),
+                                   state[CONTROL + n].double().numpy() + dc / 5,
+                                   rtol=1e-5, atol=1e-6)
