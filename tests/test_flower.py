@@ -511,3 +511,76 @@ def test_deployment_with_supernode_authentication(tmp_path):
     assert registered.count("registered successfully") == 2
     assert "authentication is disabled" not in (out / "logs" / "superlink.log").read_text()
     assert processes_with(f"FLWR_HOME={out / 'flwr-home'}") == []
+
+
+@pytest.mark.slow  # ~2 min on 2 cores: the dead node's round waits out round_deadline
+def test_deployment_survives_a_supernode_killed_mid_run(tmp_path, digits):
+    """3 SuperNodes; SuperNode 2 is killed by PID once round 1 is written. The run finishes,
+    the rounds after count device 2 in `rejected`, and every line equals the engine's own
+    run with device 2 left out of exactly those rounds (the others' updates aggregated);
+    no process is left behind."""
+    from cadfl.flower.deploy import Deployment
+    from cadfl.runtime import Runtime
+    overrides = ["devices=3", "rounds=2", "data_fraction=0.5", 'algorithms=["fedavg"]',
+                 "round_deadline=60"]
+    cfg = load_config(None, overrides)
+    out = (tmp_path / "deploy").resolve()
+    dep = Deployment(out, cfg.devices)
+
+    def kill_after_round_one() -> None:
+        if 2 in dep.nodes and read_metrics(out / "metrics.jsonl"):
+            dep.kill_node(2)
+
+    try:
+        dep.start()
+        done = dep.flwr_run({"config": "", "set": ";".join(overrides), "out": str(out),
+                             "timeout": 60}, timeout=240, on_tick=kill_after_round_one)
+    finally:
+        left = dep.stop()
+    assert done.returncode == 0 and left == []
+    assert processes_with(f"FLWR_HOME={out / 'flwr-home'}") == []
+    lines = read_metrics(out / "metrics.jsonl")
+    assert [m["round"] for m in lines] == [1, 2]
+    assert [m["rejected"] for m in lines] == [0, 1]
+    log = (out / "logs" / "flwr-run.log").read_text()
+    assert "fedavg round 2 train: node" in log or "device 2: node" in log
+    dropped = {m["round"]: {2} if m["rejected"] else set() for m in lines}
+    runtime = Runtime(Experiment.setup(cfg, digits).data)
+    rnd = [1]
+
+    def dropping(jobs):
+        for d, p in jobs:
+            yield d, p, None if d in dropped[rnd[0]] else runtime.run(d, p)
+
+    own = run_experiment(cfg, tmp_path / "own", quiet=True, dataset=digits, execute=dropping,
+                         on_round=lambda line: rnd.__setitem__(0, line["round"] + 1))
+    assert without_wall(lines) == without_wall(own)
+
+
+def test_an_unregistered_supernode_is_refused(tmp_path):
+    """With SuperNode authentication on, a SuperNode whose key was never registered does not
+    get in: the SuperLink refuses it and it exits, while a registered one connects."""
+    from cadfl.flower.deploy import TLS, Deployment
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    tls = TLS(*make_certificates(certs))
+    out = (tmp_path / "auth").resolve()
+    dep = Deployment(out, 1, tls, auth=True, startup_timeout=20)
+    try:
+        dep.start()
+        stranger = dep.start_node(1, register=False)
+        stranger.wait(timeout=60)
+        assert stranger.returncode != 0
+    finally:
+        left = dep.stop()
+    assert left == []
+    log = (out / "logs" / "supernode-1.log").read_text()
+    print(log[-600:])
+    assert "PERMISSION_DENIED" in log or "denied" in log.lower() or "unauth" in log.lower()
+    assert registered_connected(out / "logs" / "supernode-0.log")
+
+
+def registered_connected(log: Path) -> bool:
+    """Whether a SuperNode's log says it got a node id from the SuperLink."""
+    return "SuperNode ID" in log.read_text()

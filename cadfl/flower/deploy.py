@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +164,7 @@ class Deployment:
     seen: dict[int, int] = field(default_factory=dict)  # every pid it ever saw: start time
     superlink_port: int = 0
     node_ports: list[int] = field(default_factory=list)
+    nodes: dict[int, subprocess.Popen] = field(default_factory=dict)  # SuperNodes by partition
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir).resolve()
@@ -256,27 +258,47 @@ class Deployment:
             "--port", str(self.superlink_port), "--disable-runtime-dependency-installation"])
         wait_port(self.superlink_port, link, self.startup_timeout, "flower-superlink")
         self.write_flower_config()
-        node_security = (["--root-certificates", str(self.tls.cafile)] if self.tls
-                         else ["--insecure"])
         for i in range(self.num_nodes):
-            port = free_port()
-            self.node_ports.append(port)
-            auth = []
-            if self.auth:
-                key = self.node_key(i)
-                self.register(key.with_suffix(".pub"))
-                auth = ["--auth-supernode-private-key", str(key)]
-            node = self._start(f"supernode-{i}", [
-                _tool("flower-supernode"), *node_security, *auth,
-                "--superlink", f"{HOST}:{self.superlink_port}",
-                "--host", HOST, "--port", str(port),
-                "--node-config", f"partition-id={i} num-partitions={self.num_nodes}",
-                "--max-retries", "20", "--max-wait-time", str(self.startup_timeout)])
-            wait_port(port, node, self.startup_timeout, f"flower-supernode {i}")
+            self.start_node(i)
         self.track()
 
-    def flwr_run(self, run_config: dict, timeout: float) -> subprocess.CompletedProcess:
-        """`flwr run PROJECT cadfl-local --run-config FILE --stream`, bounded by `timeout`."""
+    def start_node(self, i: int, register: bool = True) -> subprocess.Popen:
+        """Start SuperNode `i` (partition i) and wait until it listens; with authentication,
+        its key is registered first unless `register` is False (the SuperLink refuses it)."""
+        security = (["--root-certificates", str(self.tls.cafile)] if self.tls
+                    else ["--insecure"])
+        if self.auth:
+            key = self.node_key(i)
+            if register:
+                self.register(key.with_suffix(".pub"))
+            security += ["--auth-supernode-private-key", str(key)]
+        port = free_port()
+        self.node_ports.append(port)
+        node = self._start(f"supernode-{i}", [
+            _tool("flower-supernode"), *security,
+            "--superlink", f"{HOST}:{self.superlink_port}",
+            "--host", HOST, "--port", str(port),
+            "--node-config", f"partition-id={i} num-partitions={self.num_nodes}",
+            "--max-retries", "20", "--max-wait-time", str(self.startup_timeout)])
+        self.nodes[i] = node
+        if register:
+            wait_port(port, node, self.startup_timeout, f"flower-supernode {i}")
+        return node
+
+    def kill_node(self, i: int) -> None:
+        """Stop SuperNode `i` and every process it started, at once (SIGTERM, then SIGKILL
+        without waiting; by PID): a device that goes away in the middle of a run."""
+        node = self.nodes.pop(i)
+        st = _stat(node.pid)
+        if st is None:
+            return
+        _kill({node.pid: st[1], **descendants([node.pid])}, 0.0)
+        node.wait(timeout=10)
+
+    def flwr_run(self, run_config: dict, timeout: float,
+                 on_tick: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+        """`flwr run PROJECT cadfl-local --run-config FILE --stream`, bounded by `timeout`;
+        `on_tick` is called about twice a second while it runs."""
         path = self.run_dir / "flwr-run-config.toml"
         path.write_text(tomli_w.dumps(run_config))
         log = open(self.logs / "flwr-run.log", "wb")  # noqa: SIM115
@@ -289,6 +311,8 @@ class Deployment:
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
             self.track()
+            if on_tick:
+                on_tick()
             time.sleep(0.5)
         if proc.poll() is None:
             raise DeployError(f"flwr run did not finish within {timeout:g} s "
