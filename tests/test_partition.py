@@ -233,3 +233,23 @@ def test_load_rejects_non_json(tmp_path) -> None:
         Partition.load(path)
     with pytest.raises(PartitionError, match="cannot read partition file"):
         Partition.load(tmp_path / "missing.json")
+
+
+def test_hold_out_takes_a_seeded_share_of_every_class_of_every_device():
+    from cadfl.data.partition import hold_out
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 400)
+    part = make_partition(labels, "classes", 5, seed=1, k=2)
+    kept, val = hold_out(part, labels, 0.25, seed=3)
+    again = hold_out(part, labels, 0.25, seed=3)[1]
+    assert np.array_equal(val, again)
+    for d in range(5):
+        before, after = set(part.indices[d]), set(kept.indices[d])
+        mine = before - after
+        assert after <= before and mine <= set(val.tolist())
+        for c in part.classes(d):
+            n = part.class_counts[d][c]
+            assert sum(labels[i] == c for i in mine) == (min(n - 1, -(-n // 4)) if n > 1 else 0)
+        assert kept.class_counts[d] == np.bincount(labels[sorted(after)], minlength=4).tolist()
+    assert len(val) + sum(map(len, kept.indices)) == 400

@@ -167,3 +167,19 @@ def test_batched_devices_give_the_sequential_runs_metrics(tmp_path, digits):
                 assert b[key] == pytest.approx(a[key], abs=2e-3), (a["algorithm"], key)
         assert (a["bytes_down"], a["device_train_flops"]) == \
             (b["bytes_down"], b["device_train_flops"])
+
+
+def test_validation_split_is_held_out_of_training_and_scored_instead_of_test(digits):
+    cfg = small("validation_fraction=0.2", 'eval_split="validation"')
+    exp = Experiment.setup(cfg, digits)
+    trained = torch.cat([torch.tensor(i) for i in exp.partition.indices])
+    assert len(exp.dataset.test_y) > 0
+    full = Experiment.setup(small(), digits)
+    assert len(trained) + len(exp.dataset.test_y) == sum(map(len, full.partition.indices))
+    # The scored images are exactly the devices' images that none of them trains on.
+    before = torch.cat([torch.tensor(i) for i in full.partition.indices])
+    held = before[~torch.isin(before, trained)]
+    assert torch.equal(exp.dataset.test_y, digits.train_y[held.sort().values])
+    assert torch.equal(exp.dataset.test_x, digits.train_x[held.sort().values])
+    with pytest.raises(ConfigError, match="needs validation_fraction"):
+        load_config(None, ['eval_split="validation"'])

@@ -5,6 +5,7 @@ training set, are non-empty, and depend only on (labels, arguments, seed).
 """
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,6 +289,33 @@ def partition_dirichlet(labels: np.ndarray | torch.Tensor, num_devices: int, alp
             parts[d].append(parts[largest].pop(rng.integers(len(parts[largest]))))
     return _build("dirichlet", seed, y, {"alpha": float(alpha)},
                   [np.asarray(p, dtype=np.int64) for p in parts])
+
+
+def hold_out(part: Partition, labels: np.ndarray | torch.Tensor, fraction: float, seed: int
+             ) -> tuple[Partition, np.ndarray]:
+    """Split a share of every device's images off as its validation data: of each class a
+    device holds n > 1 images of, ceil(fraction * n) (at most n - 1), drawn seeded per device.
+    Returns the partition of what stays for training and the sorted validation indices.
+    `part`'s indices index `labels`."""
+    y = _as_labels(labels)
+    train, held = [], []
+    for d, idx in enumerate(part.indices):
+        idx = np.asarray(idx, dtype=np.int64)
+        rng = np.random.default_rng([seed, 4, d])
+        out = np.zeros(len(idx), dtype=bool)
+        for c in np.unique(y[idx]):
+            mine = np.flatnonzero(y[idx] == c)
+            if len(mine) > 1:
+                take = min(len(mine) - 1, math.ceil(fraction * len(mine)))
+                out[rng.choice(mine, take, replace=False)] = True
+        train.append(idx[~out])
+        held.append(idx[out])
+    kept = _build(part.scheme, part.seed, y, {**part.params, "validation_fraction": fraction},
+                  train)
+    kept.num_classes = part.num_classes
+    kept.class_counts = [np.bincount(y[i], minlength=part.num_classes).tolist()
+                         for i in train]
+    return kept, np.sort(np.concatenate(held))
 
 
 def make_partition(labels: np.ndarray | torch.Tensor, scheme: str, num_devices: int, seed: int,

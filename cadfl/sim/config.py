@@ -151,6 +151,8 @@ class Config:
     target_acc: float = 0.8
     data_fraction: float = 1.0
     test_fraction: float = 1.0
+    validation_fraction: float = 0.0
+    eval_split: str = "test"
     bn: str = "average"
     min_devices: int = 1
     round_deadline: float = 600.0
@@ -295,6 +297,11 @@ def validate(cfg: Config) -> Config:
     _range("target_acc", cfg.target_acc, 0, 1)
     _range("data_fraction", cfg.data_fraction, 0, 1, low_open=True)
     _range("test_fraction", cfg.test_fraction, 0, 1, low_open=True)
+    _range("validation_fraction", cfg.validation_fraction, 0, 0.5)
+    one_of("eval_split", cfg.eval_split, ("test", "validation"))
+    if cfg.eval_split == "validation" and not cfg.validation_fraction:
+        raise ConfigError("eval_split: \"validation\" needs validation_fraction > 0 (the "
+                          "share of every device's images held out for it)")
     if cfg.sample < 1 if isinstance(cfg.sample, int) else not 0 < cfg.sample <= 1:
         raise ConfigError(f"sample: {cfg.sample!r} is out of range, allowed a fraction of "
                           "devices in (0, 1] or a whole number of devices >= 1")

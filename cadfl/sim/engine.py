@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.datasets import Dataset, load_dataset
-from ..data.partition import Partition, make_partition, share_classes
+from ..data.partition import Partition, hold_out, make_partition, share_classes
 from ..fl import ALGORITHMS, Setting, Strategy
 from ..fl.aggregate import Robustness
 from ..fl.central import POOLED
@@ -143,6 +143,12 @@ class Experiment:
         # Partition indices refer to the subsample; store them as indices into the dataset.
         part.indices = [kept[torch.tensor(ix, dtype=torch.long)].tolist()
                         for ix in part.indices]
+        if cfg.validation_fraction:
+            part, val = hold_out(part, ds.train_y, cfg.validation_fraction, cfg.seed)
+            val = torch.from_numpy(val)
+            kept = kept[~torch.isin(kept, val)]  # never anyone's training image
+            if cfg.eval_split == "validation":
+                ds = replace(ds, test_x=ds.train_x[val], test_y=ds.train_y[val])
         schedule = Schedule([set(part.classes(d)) for d in range(part.num_devices)],
                             cfg.context)
         schedule.check()
