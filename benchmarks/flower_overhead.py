@@ -35,6 +35,31 @@ def per_round(lines: list[dict], skip_first: bool) -> float:
     return statistics.median(walls)
 
 
+def breakdown(cfg) -> dict[str, float]:
+    """What a deployment pays per message besides training, measured here one at a time:
+    starting a fresh Python that imports the ClientApp (what `flwr-clientapp` does for every
+    message), building the node's experiment (data, partition), and one device's training."""
+    import subprocess
+    import sys
+
+    from cadfl.fl.device import run_task
+    from cadfl.sim.engine import Experiment
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import cadfl.flower.client_app"], check=True)
+    imports = time.perf_counter() - start
+    start = time.perf_counter()
+    exp = Experiment.setup(cfg)
+    setup = time.perf_counter() - start
+    strategy = exp.strategy("fedavg")
+    state = strategy.initial_state(exp.init)
+    (d, payload), = strategy.configure_train(1, state, [0])
+    start = time.perf_counter()
+    run_task(payload, exp.data(d))
+    return {"fresh process + imports": imports, "experiment setup (data)": setup,
+            "one device's training": time.perf_counter() - start}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", type=int, default=4)
@@ -42,7 +67,7 @@ def main() -> None:
     p.add_argument("--algorithms", default="cad,fedavg")
     p.add_argument("--data-fraction", type=float, default=1.0)
     p.add_argument("--skip", default="", help="comma-separated engines to skip "
-                   "(cadfl, simulation, deployment)")
+                   "(cadfl, simulation, deployment, breakdown)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -92,6 +117,10 @@ def main() -> None:
         acc = ", ".join(f"{a} {v:.4f}" for a, v in r["final_global_acc"].items())
         print(f"| {name} | {r['per_round_s']:.3f} | {ratio} | {r['first_round_s']:.2f} | "
               f"{r['startup_s']:.1f} | {r['total_s']:.1f} | {acc} |")
+    if "breakdown" not in skip:
+        print("\n| per message, in a deployment | s |\n|---|---|")
+        for what, secs in breakdown(cfg).items():
+            print(f"| {what} | {secs:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
