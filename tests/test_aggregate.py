@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cadfl.fl.aggregate import Contribution, aggregate
+from cadfl.fl.aggregate import Contribution, Robustness, aggregate, clip_update
 
 
 def reference(state: dict, contributions: list[tuple[dict, float, dict, dict]]) -> dict:
@@ -193,3 +193,77 @@ def test_property_matches_independent_weighted_mean(case):
     state, contributions = case
     result = aggregate(state, [as_contribution(c) for c in contributions])
     assert_same(result, reference(state, contributions))
+
+
+# Column maps (dim 1): width-scaled sub-models hold a block of rows x columns.
+
+
+def block_cases() -> tuple[dict, list[Contribution]]:
+    """A (4, 5, 2) tensor held as a block, whole, and as columns with row weights."""
+    state = {"w": rand(4, 5, 2, seed=0), "n": torch.tensor(4, dtype=torch.int64)}
+    return state, [
+        Contribution({"w": rand(2, 3, 2, seed=1)}, 2.0, rows={"w": torch.tensor([0, 2])},
+                     cols={"w": torch.tensor([1, 3, 4])}),
+        Contribution({"w": rand(4, 5, 2, seed=2), "n": torch.tensor(9)}, 1.0),
+        Contribution({"w": rand(4, 2, 2, seed=3)}, 5.0, cols={"w": torch.tensor([0, 3])},
+                     row_weights={"w": torch.tensor([1.0, 0.0, 3.0, 4.0],
+                                                    dtype=torch.float64)}),
+    ]
+
+
+def placed(state: dict, contributions: list[Contribution]) -> tuple[np.ndarray, np.ndarray]:
+    """Each contribution's values and weights at global coordinates of "w" (nan/0: not
+    held), by explicit loops over its rows and columns."""
+    g = state["w"].numpy()
+    values = np.full((len(contributions), *g.shape), np.nan)
+    weights = np.zeros((len(contributions), *g.shape[:2]))
+    for i, c in enumerate(contributions):
+        t = c.state["w"].double().numpy()
+        rows = c.rows.get("w", torch.arange(g.shape[0])).tolist()
+        cols = c.cols.get("w", torch.arange(g.shape[1])).tolist()
+        w = c.row_weights.get("w", torch.full((len(rows),), c.weight)).tolist()
+        for a, r in enumerate(rows):
+            for b, col in enumerate(cols):
+                if w[a] > 0:
+                    values[i, r, col] = t[a, b]
+                    weights[i, r, col] = w[a]
+    return values, weights
+
+
+def test_columns_weighted_mean_per_coordinate():
+    state, contributions = block_cases()
+    values, weights = placed(state, contributions)
+    w = weights[..., None]
+    expected = np.where(w.sum(0) > 0, np.nansum(values * w, 0) / np.maximum(w.sum(0), 1e-300),
+                        state["w"].double().numpy())
+    result = aggregate(state, contributions)
+    np.testing.assert_allclose(result["w"].double().numpy(), expected, rtol=1e-6)
+    assert result["n"].item() == 9  # held by the second contribution alone
+    # (1, 2) is held by the whole tensor alone; (1, 1) also by nobody else (row weight 0).
+    assert torch.equal(result["w"][1, 2], contributions[1].state["w"][1, 2])
+    assert torch.equal(result["w"][1, 0], contributions[1].state["w"][1, 0])
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_columns_with_robust_rules(rule):
+    state, contributions = block_cases()
+    values, _ = placed(state, contributions)
+    result = aggregate(state, contributions, Robustness(rule, trim=0.0))
+    if rule == "median":  # torch's: the lower of the two middle values of an even count
+        ordered = np.sort(values, 0)  # nan last
+        middle = (np.sum(~np.isnan(values), 0) - 1) // 2
+        expected = np.take_along_axis(ordered, middle[None], 0)[0]
+    else:
+        expected = np.nanmean(values, 0)
+    np.testing.assert_allclose(result["w"].double().numpy(), expected, rtol=1e-6)
+
+
+def test_clip_update_measures_the_held_block_only():
+    state = {"w": torch.zeros(3, 4)}
+    block = Contribution({"w": torch.full((2, 2), 3.0)}, 1.0, rows={"w": torch.tensor([0, 2])},
+                         cols={"w": torch.tensor([1, 3])})
+    clipped = clip_update(state, block, 1.0)  # update norm sqrt(4 * 9) = 6
+    torch.testing.assert_close(clipped.state["w"], torch.full((2, 2), 0.5))
+    assert clipped.cols is block.cols
+    result = aggregate(state, [block], Robustness(clip=1.0))
+    assert result["w"][0, 1].item() == pytest.approx(0.5) and result["w"][1].abs().sum() == 0

@@ -1,16 +1,18 @@
 """Aggregation, the one function every algorithm uses: a weighted average over holders.
 
-Each device contributes tensors placed into the global state, whole or as a set of rows (the
-index map of a sub-model), with a weight per row. Every global row becomes the weighted mean of
-the devices that hold it, accumulated in float64 in the order given; rows no device held keep
-their value. The mean is folded in as contributions arrive (`RunningMean`): a round holds the
+Each device contributes tensors placed into the global state, whole or by index maps (those of
+a sub-model): a set of rows (dim 0) and, for width-scaled sub-models, a set of columns (dim 1,
+the input channels), with a weight per row. Every global coordinate becomes the weighted mean of
+the devices that hold it, accumulated in float64 in the order given; coordinates no device held
+keep their value. The mean is folded in as contributions arrive (`RunningMean`): a round holds the
 float64 sums and one update at a time, however many devices take part. The robust rules
 (median, trimmed mean) need every holder's value of a coordinate at once, so they hold all of
 the round's contributions.
 
 FedAvg is the case "every device holds every row with weight = its sample count"; CAD's
 path-paired averaging is the case "class c's rows are held by the devices of class c,
-weighted by their class-c counts".
+weighted by their class-c counts"; HeteroFL's is "a device holds the rows and columns of the
+channels its width keeps".
 """
 
 from __future__ import annotations
@@ -34,14 +36,25 @@ def is_bn_stat(key: str) -> bool:
 class Contribution:
     """One device's tensors, keyed by global name.
 
-    `rows[key]` gives the global rows (dim 0) a sliced tensor fills; keys absent from `rows` are
-    whole tensors. `row_weights[key]` overrides the scalar `weight` per row.
+    `rows[key]` gives the global rows (dim 0) a sliced tensor fills and `cols[key]` its global
+    columns (dim 1); a key absent from `rows` (`cols`) fills every row (column).
+    `row_weights[key]` overrides the scalar `weight` per row of the device's tensor.
     """
 
     state: State
     weight: float
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     row_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    cols: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def index(self, key: str, like: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Where tensor `key` sits in the global tensor `like`: an index tuple that selects
+        its coordinates (rows, or rows x columns), or None for the whole tensor."""
+        rows, cols = self.rows.get(key), self.cols.get(key)
+        if cols is None:
+            return None if rows is None else (rows,)
+        rows = torch.arange(like.shape[0]) if rows is None else rows
+        return rows[:, None], cols[None, :]
 
 
 def _rows_of(t: torch.Tensor) -> int:
@@ -94,8 +107,8 @@ def aggregate(state: State, contributions: Iterable[Contribution],
 
 def _check_shape(state: State, c: Contribution, key: str, t: torch.Tensor) -> None:
     g = state[key]
-    rows = c.rows.get(key)
-    expected = g.shape if rows is None else (len(rows), *g.shape[1:])
+    index = c.index(key, g)
+    expected = g.shape if index is None else g[index].shape
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{key}: got shape {tuple(t.shape)}, expected {tuple(expected)}")
 
@@ -112,8 +125,8 @@ def clip_update(state: State, c: Contribution, max_norm: float) -> Contribution:
     deltas = {}
     for key, t in c.state.items():
         if t.is_floating_point() and not is_bn_stat(key):
-            rows = c.rows.get(key)
-            g = state[key] if rows is None else state[key].index_select(0, rows)
+            index = c.index(key, state[key])
+            g = state[key] if index is None else state[key][index]
             deltas[key] = (t.to(torch.float64) - g.to(torch.float64), g)
     norm = float(sum((d ** 2).sum() for d, _ in deltas.values())) ** 0.5
     if norm <= max_norm:
@@ -122,7 +135,7 @@ def clip_update(state: State, c: Contribution, max_norm: float) -> Contribution:
     clipped = dict(c.state)
     for key, (d, g) in deltas.items():
         clipped[key] = (g.to(torch.float64) + d * scale).to(c.state[key].dtype)
-    return Contribution(clipped, c.weight, c.rows, c.row_weights)
+    return Contribution(clipped, c.weight, c.rows, c.row_weights, c.cols)
 
 
 def _order_statistic(state: State, contributions: Sequence[Contribution],
@@ -137,13 +150,12 @@ def _order_statistic(state: State, contributions: Sequence[Contribution],
                 continue
             t = c.state[key].to(torch.float64)
             held = _row_weights(c, key, t) > 0
-            rows = c.rows.get(key)
-            rows = torch.arange(_rows_of(g)) if rows is None else rows
             if g.dim() == 0:
                 if held.all():
                     stack[i] = t
                 continue
-            stack[i, rows[held]] = t[held]
+            index = c.index(key, g) or (torch.arange(_rows_of(g)),)
+            stack[i][(index[0][held], *index[1:])] = t[held]
         valid = ~torch.isnan(stack)
         count = valid.sum(0)
         if robust.rule == "median":
@@ -161,7 +173,12 @@ def _order_statistic(state: State, contributions: Sequence[Contribution],
 
 
 class RunningMean:
-    """Float64 running sums of weighted contributions over the holders of each row."""
+    """Float64 running sums of weighted contributions over the holders of each coordinate.
+
+    The total weight is kept per row, or per (row, column) once a contribution places columns:
+    only then do holders differ along dim 1, and a full-size weight tensor for every key would
+    double the memory of FedAvg's linear layers.
+    """
 
     def __init__(self, state: State) -> None:
         self.state = state
@@ -172,25 +189,31 @@ class RunningMean:
         """Fold one contribution into the sums."""
         for key, t in c.state.items():
             g = self.state[key]
-            rows = c.rows.get(key)
             w = _row_weights(c, key, t)
             if key not in self.sums:
                 self.sums[key] = torch.zeros(g.shape, dtype=torch.float64)
                 self.weights[key] = torch.zeros(_rows_of(g), dtype=torch.float64)
+            if key in c.cols and self.weights[key].dim() == 1:
+                self.weights[key] = self.weights[key][:, None].repeat(1, g.shape[1])
             weighted = t.to(torch.float64) * _per_row(w, t.dim())
-            if rows is None:
+            index = c.index(key, g)
+            # A device's weight for each coordinate of its weight tensor: its row's weight.
+            w = w if self.weights[key].dim() == 1 else w[:, None].expand(-1, t.shape[1])
+            if index is None:
                 self.sums[key] += weighted
                 self.weights[key] += w
             else:
-                self.sums[key].index_add_(0, rows, weighted)
-                self.weights[key].index_add_(0, rows, w)
+                # Within one contribution every coordinate is placed once, so accumulate=True
+                # only adds to the running sums.
+                self.sums[key].index_put_(index, weighted, accumulate=True)
+                self.weights[key].index_put_(index, w, accumulate=True)
 
     def result(self) -> State:
-        """The weighted means (rows nobody held keep the state's value)."""
+        """The weighted means (coordinates nobody held keep the state's value)."""
         out = dict(self.state)
         for key, s in self.sums.items():
-            g = self.state[key]
-            w = _per_row(self.weights[key], g.dim())
+            g, w = self.state[key], self.weights[key]
+            w = w.reshape(*w.shape, *[1] * (g.dim() - w.dim())) if g.dim() else w.reshape(())
             mean = torch.where(w > 0, s / w.clamp_min(1e-300), g.to(torch.float64))
             out[key] = (mean.round() if not g.is_floating_point() else mean).to(g.dtype)
         return out
