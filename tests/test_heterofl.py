@@ -188,8 +188,10 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="heterofl.depth: 1 differs from cad.depth = 2"):
         load_config(None, ['algorithms=["cad", "heterofl"]', "cad.depth=2"])
     load_config(None, ['algorithms=["cad", "heterofl"]', "cad.depth=2", "heterofl.depth=2"])
-    with pytest.raises(ConfigError, match="keep_local"):
-        load_config(None, ['algorithms=["fedrolex"]', 'bn="keep_local"'])
+    for name in ("heterofl", "fedrolex"):
+        with pytest.raises(ConfigError, match=f"'keep_local' does not fit {name}"):
+            load_config(None, [f'algorithms=["{name}"]', 'bn="keep_local"'])
+    load_config(None, ['algorithms=["fedavg"]', 'bn="keep_local"'])  # only when they run
 
 
 def small(*overrides: str):

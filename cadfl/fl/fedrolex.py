@@ -9,7 +9,7 @@ holders of every coordinate) is HeteroFL's (`cadfl.fl.heterofl`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..cad.width import Maps, channel_window
 from .heterofl import HeteroFL, HeteroFLOptions
@@ -21,14 +21,6 @@ class FedRolexOptions(HeteroFLOptions):
     """FedRolex's settings (`[fedrolex]`): HeteroFL's."""
 
     algorithm: ClassVar[str] = "fedrolex"
-
-    def check(self, cfg: Any) -> None:
-        """HeteroFL's checks; and batch-norm statistics kept on the device would belong to
-        the channels of an earlier window."""
-        super().check(cfg)
-        if cfg.bn == "keep_local" and self.algorithm in cfg.algorithms:
-            raise ValueError("bn: 'keep_local' does not fit fedrolex (a device's channels "
-                             "change every round); use 'average'")
 
 
 @register

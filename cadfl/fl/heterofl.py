@@ -13,17 +13,18 @@ like every other coordinate they send: all of a device's samples shape its row c
 softmax, not only those of class c.
 
 Rates: `rates = []` (the default, "auto") gives every device the width whose training FLOPs per
-sample equal the mean over the run's devices of CAD's sub-model (at decoupling depth `depth`,
-which should be the run's `cad.depth`), so HeteroFL and CAD are compared at equal device cost;
-the chosen rate is recorded in the run directory (`notes-heterofl.json`). A list of rates is
-dealt to devices by id, `round_robin` (device d gets rates[d mod len]) or `random` (a draw
-seeded by the run's seed and the device id).
+sample equal the mean over the run's devices of CAD's sub-model at decoupling depth `depth`
+(which the config check holds equal to `cad.depth`; with `cad.depth = "auto"` CAD's depth is
+not known before it runs, and `depth` is used as given), so HeteroFL and CAD are compared at
+equal device cost; the chosen rate is recorded in the run directory (`notes-heterofl.json`).
+A list of rates is dealt to devices by id, `round_robin` (device d gets rates[d mod len]) or
+`random` (a draw seeded by the run's seed and the device id).
 
 Scored like the paper: the full global model on the test set, and on each device's classes.
 Left out: HeteroFL's scaler module (outputs scaled by 1/r in training) and its static batch
 norm (statistics recomputed after training); running statistics are averaged over their
-holders like every other coordinate. A run's Others label is not supported (as in FedAvg, a
-device trains on its own classes only).
+holders like every other coordinate, and `bn = "keep_local"` is refused. A run's Others label
+is not supported (as in FedAvg, a device trains on its own classes only).
 """
 
 from __future__ import annotations
@@ -58,15 +59,23 @@ class HeteroFLOptions:
     depth: int = 1  # auto: the CAD decoupling depth whose sub-model cost is matched
 
     def check(self, cfg: Any) -> None:
-        """ValueError naming the field if a value is out of range, or if the auto rate would
-        match another CAD than the run's (`depth` differs from `cad.depth`)."""
+        """ValueError naming the field if a value is out of range, if the auto rate would
+        match another CAD than the run's (`depth` differs from `cad.depth`), or if devices
+        are to keep their batch-norm statistics (`bn = "keep_local"`)."""
         for i, r in enumerate(self.rates):
             check_range(f"{self.algorithm}.rates[{i}]", r, 0, 1, low_open=True)
         check_one_of(f"{self.algorithm}.assign", self.assign, ASSIGN)
         check_range(f"{self.algorithm}.depth", self.depth, 0)
+        if self.algorithm not in cfg.algorithms:
+            return
+        if cfg.bn == "keep_local":
+            # A device keeps the statistics of its own channels, a narrower (FedRolex: a
+            # moving) set than the global model it would be scored with.
+            raise ValueError(f"bn: 'keep_local' does not fit {self.algorithm} (a device keeps "
+                             "statistics of its sub-model's channels only); use 'average'")
         cad = cfg.options_of("cad")
-        if (not self.rates and self.algorithm in cfg.algorithms and cad is not None
-                and isinstance(cad.depth, int) and cad.depth != self.depth):
+        if (not self.rates and cad is not None and isinstance(cad.depth, int)
+                and cad.depth != self.depth):
             raise ValueError(f"{self.algorithm}.depth: {self.depth} differs from cad.depth = "
                              f"{cad.depth}: the auto rate matches CAD's sub-model cost at "
                              f"{self.algorithm}.depth; set both equal, or give "
