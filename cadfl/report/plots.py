@@ -48,3 +48,26 @@ def plot_curves(lines: Sequence[dict], path: Path, title: str = "") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_heatmap(values: Sequence[Sequence[float]], rows: Sequence[str], columns: Sequence[str],
+                 best: Sequence[int], path: Path, title: str = "") -> None:
+    """A score grid as a heat map: one row per algorithm, one column per grid point, every
+    cell annotated, each row's best cell framed."""
+    fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(columns), 0.9 + 0.45 * len(rows)))
+    im = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=8,
+                    color="white" if v < (im.norm.vmin + im.norm.vmax) / 2 else "black")
+        ax.add_patch(plt.Rectangle((best[i] - 0.42, i - 0.38), 0.84, 0.76, fill=False,
+                                   lw=2.5, color="red"))
+    fig.colorbar(im, ax=ax, label="validation score")
+    if title:
+        ax.set_title(title, fontsize=8, wrap=True)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,195 @@
+"""Fair tuning: every algorithm at every grid point, scored on validation data only.
+
+`cadfl sweep CONFIG --grid train.lr=0.01,0.03,0.1 --rounds R` runs the config's algorithms
+once per grid point (the cartesian product of the `--grid` settings), each run with
+`validation_fraction` of every device's images held out and scored on those
+(`eval_split = "validation"`): the test set is never looked at. Each algorithm is scored by
+the metric it is judged by (`Strategy.judged_by`: context accuracy for personalised ones, the
+mean of global and context accuracy for the rest), averaged over its last `LAST` evaluated
+rounds so that one lucky round does not decide. The best point per algorithm becomes its
+`[overrides.NAME]` in the tuned config, which `cadfl run` takes as it is.
+
+Every point is a run directory of its own under the sweep's folder, so an interrupted sweep
+continues where it stopped (finished points are read back, a half-done one resumed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..fl import ALGORITHMS
+from .config import Config, ConfigError, config_from_dict, load_config, parse_override
+from .engine import read_metrics, run_experiment
+
+LAST = 3
+DEFAULT_VALIDATION = 0.1
+
+
+@dataclass
+class SweepResult:
+    """Scores per algorithm and grid point, and the best point of each algorithm."""
+
+    keys: list[str]
+    points: list[tuple[Any, ...]]
+    scores: dict[str, list[float]]  # algorithm -> score per point (nan: no score)
+    best: dict[str, int]  # algorithm -> index of its best point
+    tuned: Config
+
+
+def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[Any]]]:
+    """`key=v1,v2,...` items (TOML values) as (dotted key, values); ConfigError if malformed."""
+    grid = []
+    for spec in specs:
+        key, raw = parse_override(spec)[0], spec.split("=", 1)[1]
+        values = [parse_override(f"x={item.strip()}")[1] for item in raw.split(",")
+                  if item.strip()]
+        if not values:
+            raise ConfigError(f"--grid {spec!r}: give values, e.g. --grid train.lr=0.01,0.05")
+        grid.append((".".join(key), values))
+    if len({k for k, _ in grid}) != len(grid):
+        raise ConfigError("--grid: a setting is given twice")
+    return grid
+
+
+def score(lines: Sequence[dict], algorithm: str, last: int = LAST) -> float:
+    """The algorithm's validation score: its judged metric over its last `last` evaluated
+    rounds (nan if it was never evaluated)."""
+    judged = ALGORITHMS[algorithm].judged_by
+    keys = ("global_acc", "context_acc") if judged == "both" else (judged,)
+    values = []
+    for m in lines:
+        if m["algorithm"] != algorithm or m["context_acc"] is None:
+            continue
+        got = [m[k] for k in keys if m[k] is not None]
+        values.append(sum(got) / len(got))
+    tail = values[-last:]
+    return sum(tail) / len(tail) if tail else math.nan
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def _nested(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def tuned_overrides(algorithm: str, keys: Sequence[str], point: Sequence[Any]
+                    ) -> dict[str, Any]:
+    """The grid settings that apply to `algorithm` (its training, its own table), nested."""
+    out: dict[str, Any] = {}
+    for key, value in zip(keys, point, strict=True):
+        section = key.split(".", 1)[0]
+        if section in ("train", algorithm):
+            for k, v in _nested(key, value).items():
+                out.setdefault(k, {}).update(v)
+    return out
+
+
+def run_sweep(config: str | None, overrides: Sequence[str], grid: Sequence[tuple[str, list]],
+              rounds: int, out: Path, quiet: bool = False) -> SweepResult:
+    """Run the sweep into `out` (one run directory per point) and write `sweep.md`,
+    `sweep.json`, `heatmap.png` and the tuned config `tuned.toml`."""
+    base = load_config(config, overrides)
+    validation = base.validation_fraction or DEFAULT_VALIDATION
+    keys = [k for k, _ in grid]
+    points = list(itertools.product(*(values for _, values in grid)))
+    for key, values in grid:  # every grid value must be a valid setting before any work
+        for value in values:
+            load_config(config, [*overrides, f"{key}={_toml_value(value)}"])
+    scores: dict[str, list[float]] = {a: [] for a in base.algorithms}
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(points), desc="sweep", unit="point", disable=None if not quiet else True)
+    for i, point in enumerate(points):
+        label = ", ".join(f"{k}={v}" for k, v in zip(keys, point, strict=True))
+        cfg = load_config(config, [*overrides, f"rounds={rounds}",
+                                   f"validation_fraction={validation}",
+                                   'eval_split="validation"',
+                                   *(f"{k}={_toml_value(v)}" for k, v in
+                                     zip(keys, point, strict=True))])
+        run_dir = out / f"point-{i:02d}"
+        lines = read_metrics(run_dir / "metrics.jsonl")
+        if len(lines) < rounds * len(cfg.algorithms) or not (run_dir / "summary.md").exists():
+            lines = run_experiment(cfg, run_dir, resume=(run_dir / "config.toml").exists(),
+                                   quiet=True)
+        for a in base.algorithms:
+            scores[a].append(score(lines, a))
+        bar.update()
+        if not quiet:
+            done = "  ".join(f"{a} {scores[a][-1]:.3f}" for a in base.algorithms)
+            tqdm.write(f"[{i + 1}/{len(points)}] {label}: {done}")
+    bar.close()
+    best = {a: max(range(len(points)), key=lambda j, a=a: _finite(scores[a][j]))
+            for a in base.algorithms}
+    tuned_data = base.to_dict()
+    tuned_data["validation_fraction"] = validation
+    tuned_data["overrides"] = {a: tuned_overrides(a, keys, points[best[a]])
+                               for a in base.algorithms}
+    tuned_data["overrides"] = {a: o for a, o in tuned_data["overrides"].items() if o}
+    tuned = config_from_dict(tuned_data)
+    result = SweepResult(keys, points, scores, best, tuned)
+    write_sweep(result, out, base, rounds, validation)
+    return result
+
+
+def _finite(x: float) -> float:
+    return x if not math.isnan(x) else -math.inf
+
+
+def write_sweep(result: SweepResult, out: Path, base: Config, rounds: int,
+                validation: float) -> None:
+    """sweep.md (the grid as a table, best marked), sweep.json, heatmap.png, tuned.toml."""
+    from ..report.plots import plot_heatmap
+
+    labels = [", ".join(f"{k}={v}" for k, v in zip(result.keys, p, strict=True))
+              for p in result.points]
+    header = "| algorithm | judged by | " + " | ".join(labels) + " | best |"
+    rows = [header, "|" + "---|" * (len(labels) + 3)]
+    for a, values in result.scores.items():
+        cells = [("**{:.3f}**" if j == result.best[a] else "{:.3f}").format(v)
+                 for j, v in enumerate(values)]
+        rows.append(f"| {a} | {ALGORITHMS[a].judged_by} | " + " | ".join(cells)
+                    + f" | {labels[result.best[a]]} |")
+    title = (f"{base.dataset} / {base.model}, {base.devices} devices, {rounds} rounds per "
+             f"point, seed {base.seed}; scores on the validation split ({validation:.0%} of "
+             f"every device's images, never trained on), mean of the last {LAST} evaluations")
+    (out / "sweep.md").write_text(f"# Sweep\n\n{title}.\n\n" + "\n".join(rows)
+                                  + "\n\n![heatmap](heatmap.png)\n\nTuned config: "
+                                  "`tuned.toml` (`cadfl run tuned.toml`).\n")
+    (out / "sweep.json").write_text(json.dumps({
+        "keys": result.keys, "points": [list(p) for p in result.points],
+        "scores": result.scores, "best": result.best, "rounds": rounds,
+        "validation_fraction": validation}, indent=1))
+    (out / "tuned.toml").write_text(
+        "# Written by cadfl sweep: the base config with each algorithm's best settings on\n"
+        "# validation data as [overrides.NAME]. See sweep.md beside it.\n"
+        + result.tuned.to_toml())
+    plot_heatmap([list(result.scores[a]) for a in result.scores], list(result.scores),
+                 labels, [result.best[a] for a in result.scores], out / "heatmap.png", title)
+
+
+def print_table(result: SweepResult) -> None:
+    """The grid as a plain-text table on stdout (best point of each algorithm starred)."""
+    labels = [", ".join(f"{k}={v}" for k, v in zip(result.keys, p, strict=True))
+              for p in result.points]
+    width = max(12, *(len(label) for label in labels))
+    print(f"{'algorithm':<10} " + " ".join(f"{label:>{width}}" for label in labels))
+    for a, values in result.scores.items():
+        cells = [f"{v:.3f}{'*' if j == result.best[a] else ' '}" for j, v in enumerate(values)]
+        print(f"{a:<10} " + " ".join(f"{c:>{width}}" for c in cells))

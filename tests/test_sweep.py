@@ -1,0 +1,61 @@
+"""cadfl sweep: every algorithm at every grid point, scored on validation data only."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from cadfl.cli import main
+from cadfl.sim.config import ConfigError, load_config
+from cadfl.sim.sweep import parse_grid, score
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_grid_values_are_toml_and_bad_grids_are_refused():
+    assert parse_grid(["train.lr=0.01, 0.1", 'bn="average","keep_local"']) == [
+        ("train.lr", [0.01, 0.1]), ("bn", ["average", "keep_local"])]
+    with pytest.raises(ConfigError, match="give values"):
+        parse_grid(["train.lr="])
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_grid(["train.lr=0.1", "train.lr=0.2"])
+
+
+def test_score_is_the_judged_metric_over_the_last_evaluations():
+    lines = [{"algorithm": "fedavg", "global_acc": g, "context_acc": c}
+             for g, c in [(0.1, 0.3), (0.5, 0.7), (None, None), (0.6, 0.8), (0.7, 0.9)]]
+    lines += [{"algorithm": "fedper", "global_acc": None, "context_acc": c}
+              for c in (0.2, 0.4)]
+    assert score(lines, "fedavg") == pytest.approx((0.6 + 0.7 + 0.8) / 3)  # mean of g and c
+    assert score(lines, "fedper", last=1) == pytest.approx(0.4)  # context only
+    assert math.isnan(score(lines, "local"))
+
+
+def test_a_sweep_picks_each_algorithms_best_point_on_validation_data(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--grid", "train.lr=0.01,0.1", "--rounds", "2", "--quiet", "--out",
+            str(out), "--set", "devices=4", "--set", "data_fraction=0.5",
+            "--set", 'algorithms=["fedavg", "fedper"]']
+    assert main(args) == 0
+    assert "fedper" in capsys.readouterr().out
+    found = json.loads((out / "sweep.json").read_text())
+    for i, lr in enumerate((0.01, 0.1)):
+        cfg = load_config(out / f"point-{i:02d}" / "config.toml")
+        assert (cfg.train.lr, cfg.eval_split, cfg.validation_fraction) == (lr, "validation", 0.1)
+        lines = [json.loads(s) for s in
+                 (out / f"point-{i:02d}" / "metrics.jsonl").read_text().splitlines()]
+        for algo in ("fedavg", "fedper"):
+            assert found["scores"][algo][i] == pytest.approx(score(lines, algo))
+    tuned = load_config(out / "tuned.toml")
+    assert tuned.eval_split == "test" and tuned.validation_fraction == 0.1
+    for algo in ("fedavg", "fedper"):
+        best = max((0, 1), key=lambda i, a=algo: found["scores"][a][i])
+        assert tuned.for_algorithm(algo).train.lr == (0.01, 0.1)[best]
+    for name in ("sweep.md", "heatmap.png"):
+        assert (out / name).stat().st_size > 0
+    # Run again: the finished points are read back, not trained again.
+    stamp = (out / "point-00" / "metrics.jsonl").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "point-00" / "metrics.jsonl").stat().st_mtime_ns == stamp
