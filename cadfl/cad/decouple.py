@@ -1,27 +1,36 @@
-"""Decoupling: split a CNN into a shared trunk and one path of filters per class.
+"""Decoupling: split a CNN into a shared trunk and groups of filters (class paths).
 
 From the decoupling depth on (the last `depth` conv layers, then every linear layer), each
-layer's filters are divided into K equal, contiguous groups, one per class. The first decoupled
-layer reads every channel of the trunk; every later one connects group c only to group c
-(a grouped convolution / grouped linear layer), and logit c reads only group c. Each
-parameter then has one owner: the trunk, or one class's path. Filters left over by the equal
-split (width mod K) are the spare pool: they are not part of the model.
+layer's filters are divided into G equal, contiguous groups. The first decoupled layer reads
+every channel of the trunk; every later one connects group g only to group g (a grouped
+convolution / grouped linear layer), and the logit of a class reads only its group. Each
+parameter then has one owner: the trunk, or one group. Filters left over by the equal split
+(width mod G) are the spare pool: they are not part of the model.
+
+CAD has one group per class (G = K: a group is a class's path). Fed2 may have fewer groups,
+each holding a contiguous run of classes in logit order (`even_groups`). The logits layer then
+has unequal output groups (the number of classes of each group) over equal input groups: a
+grouped linear layer whose row of class c reads only c's group (`cadfl.models.spec`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import accumulate
 
 from ..models.spec import ModelSpec, SpecError
 
 
 @dataclass(frozen=True)
 class Decoupling:
-    """Where a decoupled model's class paths are.
+    """Where a decoupled model's groups (class paths) are.
 
     `first` is the index (in `spec.layers`) of the first decoupled layer; `widths` maps each
-    decoupled conv/linear layer name to (filters per class, spare filters) in the dense model.
-    Group i of every decoupled layer is the path of class `spec.class_ids[i]`.
+    decoupled conv/linear layer name to (filters per group, spare filters) in the dense model
+    (for the logits: (1, 0), one row per class).
+    The logits layer's `groups` give the number of classes of every group: group 0 holds the
+    first classes of `spec.class_ids`, group 1 the next ones, and so on (one class each in CAD).
     """
 
     spec: ModelSpec
@@ -48,16 +57,27 @@ class Decoupling:
         name = key.split(".", 1)[0]
         return name in self.spec.names and self.spec.names.index(name) >= self.first
 
-    def group_of(self, cls: int) -> int:
-        """Position of class `cls`'s path among the groups (SpecError if it has none)."""
+    @property
+    def num_groups(self) -> int:
+        """Number of groups of every decoupled layer."""
+        return len(self.spec.layers[-1].groups)
+
+    def logit_of(self, cls: int) -> int:
+        """Position of class `cls`'s logit (SpecError if the model has none)."""
         try:
             return self.spec.class_ids.index(cls)
         except ValueError:
             raise SpecError(f"class {cls} has no path; the model's classes are "
                             f"{list(self.spec.class_ids)}") from None
 
+    def group_of(self, cls: int) -> int:
+        """Position of the group holding class `cls` (SpecError if it has none)."""
+        logit = self.logit_of(cls)
+        return next(g for g, end in enumerate(accumulate(self.spec.layers[-1].groups))
+                    if logit < end)
+
     def group_size(self, key: str) -> int:
-        """Rows per class of a decoupled state tensor."""
+        """Rows per group of a decoupled state tensor (the logits have one row per class)."""
         layer = self.spec.layer(key.split(".", 1)[0])
         return layer.out_ch // len(layer.groups)
 
@@ -79,12 +99,28 @@ def first_decoupled(spec: ModelSpec, depth: int) -> int:
     return next(i for i, layer in enumerate(spec.layers) if layer.kind == "linear")
 
 
-def decouple(spec: ModelSpec, num_classes: int, depth: int) -> Decoupling:
-    """The decoupled spec of a dense `spec` for `num_classes` class paths from `depth` on
-    (path i belongs to the class of logit i)."""
+def even_groups(num_classes: int, groups: int) -> tuple[int, ...]:
+    """Classes per group when `num_classes` classes fill `groups` contiguous groups as evenly
+    as possible: the first `num_classes % groups` groups hold one class more (10 into 3:
+    (4, 3, 3))."""
+    if not 1 <= groups <= num_classes:
+        raise ValueError(f"{groups} groups for {num_classes} classes: allowed 1 to "
+                         f"{num_classes}")
+    base, extra = divmod(num_classes, groups)
+    return tuple(base + (g < extra) for g in range(groups))
+
+
+def decouple(spec: ModelSpec, num_classes: int, depth: int,
+             class_groups: Sequence[int] | None = None) -> Decoupling:
+    """The decoupled spec of a dense `spec` from `depth` on, for `num_classes` classes in
+    groups of `class_groups` consecutive logits (default: one group per class, CAD's paths)."""
     k = num_classes
     if spec.num_classes != k:
         raise SpecError(f"{spec.name} has {spec.num_classes} logits but {k} classes were given")
+    sizes = tuple(class_groups) if class_groups is not None else (1,) * k
+    if sum(sizes) != k or min(sizes) < 1:
+        raise SpecError(f"class groups {list(sizes)} must be positive and sum to the {k} classes")
+    n = len(sizes)
     start = first_decoupled(spec, depth)
     layers = list(spec.layers[:start])
     widths: dict[str, tuple[int, int]] = {}
@@ -96,16 +132,18 @@ def decouple(spec: ModelSpec, num_classes: int, depth: int) -> Decoupling:
         layer, name = spec.layers[i], spec.names[i]
         if layer.kind in ("conv", "linear"):
             last = i == len(spec.layers) - 1
-            per_class = 1 if last else layer.out_ch // k
-            if per_class < 1:
-                raise SpecError(f"{name} has {layer.out_ch} filters, fewer than the {k} classes "
+            per_group = 1 if last else layer.out_ch // n
+            if per_group < 1:
+                paths = "classes" if n == k else "groups"
+                raise SpecError(f"{name} has {layer.out_ch} filters, fewer than the {n} {paths} "
                                 "that need a path each: use a smaller cad.depth or wider layers")
-            widths[name] = (per_class, layer.out_ch - per_class * k)
-            layer = replace(layer, in_ch=channels * spatial, out_ch=per_class * k,
-                            groups=(per_class,) * k, grouped_in=grouped)
+            groups = sizes if last else (per_group,) * n
+            widths[name] = (per_group, layer.out_ch - sum(groups))
+            layer = replace(layer, in_ch=channels * spatial, out_ch=sum(groups),
+                            groups=groups, grouped_in=grouped)
             channels, spatial, grouped = layer.out_ch, 1, True
         elif layer.kind == "bn":
-            layer = replace(layer, in_ch=channels, out_ch=channels, groups=(channels // k,) * k)
+            layer = replace(layer, in_ch=channels, out_ch=channels, groups=(channels // n,) * n)
         elif layer.kind == "flatten":
             h, w = shapes[i - 1][1:]
             spatial = h * w

@@ -1,8 +1,11 @@
 """Context sub-models: the trunk plus the paths of a device's classes, physically smaller.
 
-For a class set S, every decoupled layer keeps only the groups of S (and |S| logits, in S's
-order), so the sub-model has fewer channels, FLOPs and bytes than the full model. Each of its
-tensors is a set of rows (dim 0) of the global tensor: the index map says which.
+For a class set S, every decoupled layer keeps only the groups of S's classes (and |S| logits,
+in S's order), so the sub-model has fewer channels, FLOPs and bytes than the full model. Each
+of its tensors is a set of rows (dim 0) of the global tensor: the index map says which.
+
+In CAD every group is one class's path. Fed2's groups may hold several classes; its devices
+take every class, i.e. the whole model, whose groups are those of the global model.
 """
 
 from __future__ import annotations
@@ -26,20 +29,41 @@ def _check_classes(dec: Decoupling, classes: Sequence[int]) -> tuple[int, ...]:
     return s
 
 
+def class_groups(dec: Decoupling, classes: Sequence[int]) -> tuple[int, ...]:
+    """Classes per group of the model holding `classes`: consecutive classes of one group of
+    `dec` share a group; a class `dec` lacks (New Class) gets a group of its own. The classes
+    of a group must be consecutive in `classes` (SpecError otherwise)."""
+    sizes: list[int] = []
+    seen: list[int | None] = [None]
+    for c in classes:
+        group = dec.group_of(c) if c in dec.spec.class_ids else None
+        if group is not None and group == seen[-1]:
+            sizes[-1] += 1
+            continue
+        if group is not None and group in seen:
+            raise SpecError(f"classes {list(classes)}: the classes of group {group} must be "
+                            "consecutive")
+        sizes.append(1)
+        seen.append(group)
+    return tuple(sizes)
+
+
 def paths_spec(dec: Decoupling, classes: Sequence[int]) -> ModelSpec:
-    """The decoupled spec with one path per class of `classes` (any ids, logits in that order):
-    fewer paths for a sub-model, more for a model that gains classes."""
+    """The decoupled spec with the groups of `classes` (any ids, logits in that order): fewer
+    groups for a sub-model, more for a model that gains classes (see `class_groups`)."""
     s = tuple(int(c) for c in classes)
+    sizes = class_groups(dec, s)
+    n = len(sizes)
     layers = list(dec.spec.layers)
     for i in range(dec.first, len(layers)):
         layer = layers[i]
         if layer.groups is None:
             continue
-        g = layer.groups[0]
-        in_ch = layer.in_ch // dec.num_classes * len(s) if layer.grouped_in else layer.in_ch
+        groups = sizes if i == len(layers) - 1 else (layer.groups[0],) * n
+        in_ch = layer.in_ch // dec.num_groups * n if layer.grouped_in else layer.in_ch
         if layer.kind == "bn":
-            in_ch = g * len(s)
-        layers[i] = replace(layer, in_ch=in_ch, out_ch=g * len(s), groups=(g,) * len(s))
+            in_ch = sum(groups)
+        layers[i] = replace(layer, in_ch=in_ch, out_ch=sum(groups), groups=groups)
     return dec.spec.replace_layers(layers, s)
 
 
@@ -49,9 +73,13 @@ def submodel_spec(dec: Decoupling, classes: Sequence[int]) -> ModelSpec:
 
 
 def class_rows(dec: Decoupling, key: str, classes: Sequence[int]) -> torch.Tensor:
-    """Global rows of state tensor `key` that belong to the paths of `classes`, in order."""
+    """Global rows of state tensor `key` that belong to the paths of `classes`, in order: the
+    logits of `classes`, or the rows of their groups."""
+    if key.split(".", 1)[0] == dec.spec.names[-1]:
+        return torch.tensor([dec.logit_of(c) for c in classes], dtype=torch.long)
     g = dec.group_size(key)
-    return torch.cat([torch.arange(i * g, (i + 1) * g) for i in map(dec.group_of, classes)])
+    groups = dict.fromkeys(map(dec.group_of, classes))  # each group once, in order
+    return torch.cat([torch.arange(i * g, (i + 1) * g) for i in groups])
 
 
 def sliced_keys(dec: Decoupling, state: State) -> list[str]:
@@ -73,7 +101,12 @@ def extract(dec: Decoupling, state: State, classes: Sequence[int]
     return submodel_spec(dec, classes), sub, rows
 
 
-def row_classes(dec: Decoupling, key: str, classes: Sequence[int]) -> torch.Tensor:
-    """The class each row of a sub-model tensor belongs to (for path-paired weights)."""
-    g = dec.group_size(key)
-    return torch.tensor(classes, dtype=torch.long).repeat_interleave(g)
+def row_weights(dec: Decoupling, key: str, classes: Sequence[int], counts: torch.Tensor
+                ) -> torch.Tensor:
+    """Path-paired weight of every row of the sub-model tensor `key` of `classes`: the
+    device's count (`counts`, indexed by class id) of the classes of the row's group."""
+    sizes = class_groups(dec, classes)
+    ids = torch.tensor(classes, dtype=torch.long)
+    per_group = torch.stack([part.sum() for part in counts[ids].split(sizes)])
+    layer = paths_spec(dec, classes).layer(key.split(".", 1)[0])
+    return per_group.repeat_interleave(torch.tensor(layer.groups))

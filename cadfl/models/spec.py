@@ -31,8 +31,10 @@ class Layer:
 
     `in_ch`/`out_ch` are channels for conv and batch norm, features for linear layers.
     `groups` lists the sizes of contiguous output-channel groups (class paths), or None for a
-    dense layer. `grouped_in` makes output group i read only input group i; all groups must then
-    be equal, which is how CAD builds them.
+    dense layer. `grouped_in` makes output group i read only input group i: the inputs split
+    into equal groups, and so must the outputs of a conv layer. A linear layer's output groups
+    may differ in size: Fed2's classifier, whose feature groups hold different numbers of
+    classes (10 classes in 3 groups: 4, 3 and 3 logits over three equal feature groups).
     """
 
     kind: str
@@ -182,8 +184,8 @@ def _output_shape(name: str, layer: Layer, shape: tuple[int, ...]) -> tuple[int,
         if sum(layer.groups) != layer.out_ch or min(layer.groups) < 1:
             raise fail(f"groups {layer.groups} must be positive and sum to out_ch={layer.out_ch}")
     if layer.grouped_in:
-        if layer.groups is None or len(set(layer.groups)) != 1:
-            raise fail("grouped_in needs equal channel groups")
+        if layer.groups is None or (layer.kind != "linear" and len(set(layer.groups)) != 1):
+            raise fail("grouped_in needs channel groups, equal ones for a conv layer")
         if layer.in_ch % len(layer.groups):
             raise fail(f"in_ch={layer.in_ch} does not split into {len(layer.groups)} groups")
     if layer.kind in ("conv", "bn", "maxpool"):
@@ -221,20 +223,27 @@ class GroupedLinear(nn.Module):
     """A block-diagonal linear layer: output group g reads only input group g.
 
     The weight is stored as (out_features, in_features // groups), like a grouped convolution,
-    so a class path's rows are a plain slice of it.
+    so a class path's rows are a plain slice of it. The output groups are equal unless `sizes`
+    (the rows of each group) says otherwise; the input groups are always equal.
     """
 
-    def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = True,
+                 sizes: tuple[int, ...] | None = None):
         super().__init__()
         self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.sizes = sizes or (out_features // groups,) * groups
         self.weight = nn.Parameter(torch.empty(out_features, in_features // groups))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.groups
         xg = x.reshape(x.shape[0], g, self.in_features // g)
-        w = self.weight.view(g, self.out_features // g, self.in_features // g)
-        y = torch.einsum("bgi,goi->bgo", xg, w).reshape(x.shape[0], self.out_features)
+        if len(set(self.sizes)) == 1:  # equal groups: one batched product
+            w = self.weight.view(g, self.out_features // g, self.in_features // g)
+            y = torch.einsum("bgi,goi->bgo", xg, w).reshape(x.shape[0], self.out_features)
+        else:
+            y = torch.cat([xg[:, i] @ w.T for i, w in enumerate(self.weight.split(self.sizes))],
+                          dim=1)
         return y if self.bias is None else y + self.bias
 
 
@@ -245,7 +254,8 @@ def _module(layer: Layer) -> nn.Module:
                          groups=g, bias=layer.bias)
     if layer.kind == "linear":
         if g > 1:
-            return GroupedLinear(layer.in_ch, layer.out_ch, g, bias=layer.bias)
+            return GroupedLinear(layer.in_ch, layer.out_ch, g, bias=layer.bias,
+                                 sizes=layer.groups)
         return nn.Linear(layer.in_ch, layer.out_ch, bias=layer.bias)
     if layer.kind == "bn":
         return nn.BatchNorm2d(layer.out_ch)
