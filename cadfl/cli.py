@@ -52,6 +52,17 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return profile_command(args)
 
 
+def _algorithm_list() -> str:
+    """Every registered algorithm with its family, the metric it is judged by, and one line."""
+    from .fl import ALGORITHMS
+
+    order = ("cad", "grouped", "sub-model", "global", "personalised", "reference")
+    lines = ["algorithms (family, judged by):"]
+    for name, cls in sorted(ALGORITHMS.items(), key=lambda a: (order.index(a[1].family), a[0])):
+        lines.append(f"  {name:<9} {cls.family}, {cls.judged_by}: {cls.summary}")
+    return "\n".join(lines)
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="simulate federated training: algorithms side by side on one partition",
@@ -75,7 +86,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "  cadfl run --set dataset=synthetic --set devices=10000 --set sample=10\n"
         "  cadfl run configs/cifar10-alexnet-5cls.toml --set device=cuda --set batch_devices=10"
         "\n"
-        "  cadfl run --resume runs/demo")
+        "  cadfl run --resume runs/demo\n\n" + _algorithm_list())
     p.add_argument("config", nargs="?", metavar="CONFIG", help="TOML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting; dotted keys for sections, TOML values "
