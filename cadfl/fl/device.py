@@ -163,10 +163,13 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
             loop.run(personal, loop.named(personal), cfg.epochs, prox=cfg.personal_lambda,
                      anchor=received)
             out.update({PERSONAL + k: v for k, v in _cpu_state(personal).items()})
-        if control is not None:  # SCAFFOLD option II: c_i+ = c_i - c + (x - y) / (K lr)
+        if control is not None:
+            # SCAFFOLD option II, c_i+ = c_i - c + (x - y) / (K lr), is the mean of the K local
+            # gradients under plain SGD; taking that mean directly stays right with momentum
+            # and weight decay, where (x - y) / (K lr) overstates it (by 1/(1 - momentum)).
             k = max(loop.steps_done - start_steps, 1)
-            for name, (c, ci) in control.items():
-                new_ci = ci.cpu() - c.cpu() + (received[name] - state[name]) / (k * cfg.lr)
+            for name, (_, ci) in control.items():
+                new_ci = (loop.grad_sums[name] / k).cpu()
                 out[CONTROL + name] = new_ci - ci.cpu()
                 out[OWN_CONTROL + name] = new_ci
     return Update(
@@ -198,6 +201,7 @@ class _LocalSGD:
         epochs = cfg.epochs * (1 + (cfg.personal_lambda > 0)) + cfg.head_epochs
         self.budget = math.ceil(cfg.fraction * epochs * math.ceil(n / cfg.batch_size))
         self.steps_done = self.seen = 0
+        self.grad_sums: dict[str, torch.Tensor] = {}  # raw local gradients (SCAFFOLD)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=data.compute)
         # Label split: logits of the classes the device has no samples of take no part.
         self.mask = None
@@ -216,7 +220,7 @@ class _LocalSGD:
             control: dict[str, tuple[torch.Tensor, ...]] | None = None) -> None:
         """`epochs` epochs of SGD on `params` only (the others stay as they are), with the
         proximal term (prox/2)||w - anchor||^2 when `prox` > 0 and SCAFFOLD's gradient
-        correction with `control`."""
+        correction with `control` (the raw gradients are summed in `grad_sums`)."""
         cfg, data, n = self.cfg, self.data, len(self.y)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -251,6 +255,7 @@ class _LocalSGD:
                 if control is not None:
                     for name, p in zip(names, plist, strict=True):
                         c, ci = control[name]
+                        self.grad_sums[name] = self.grad_sums.get(name, 0) + p.grad
                         p.grad.add_(c - ci)
                 opt.step()
                 self.loss_sum += ce.detach() * len(idx)

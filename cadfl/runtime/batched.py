@@ -70,6 +70,8 @@ def batch_key(payload: Payload) -> tuple | None:
         return None
     if cfg.head_epochs or cfg.personal_lambda or cfg.control or cfg.mask_absent:
         return None  # local-objective hooks train one device at a time
+    if any(layer.groups is not None and len(set(layer.groups)) > 1 for layer in spec.layers):
+        return None  # unequal channel groups (Fed2 with uneven groups): one at a time
     config = payload.config.to_dict()
     del config["seed"]
     return spec.input_shape, spec.layers, tuple(sorted(config.items()))

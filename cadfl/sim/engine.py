@@ -503,8 +503,8 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
     kept = [m for m in read_metrics(metrics_path) if m["round"] <= done.get(m["algorithm"], 0)]
     metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
     lines = list(kept)
-    for a in cfg.algorithms:
-        strategy = exp.strategy(a)
+    strategies = {a: exp.strategy(a) for a in cfg.algorithms}  # every setting checked first
+    for a, strategy in strategies.items():
         runtime = exp.runtime(out / "devices" / a)
         state = strategy.initial_state(exp.init)
         if done.get(a):
