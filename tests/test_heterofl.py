@@ -19,7 +19,7 @@ from cadfl.fl.heterofl import HeteroFL
 from cadfl.fl.payload import DeviceInfo, TrainConfig, Update
 from cadfl.models import Layer, ModelSpec, build_model, get_model
 from cadfl.sim.config import ConfigError, load_config
-from cadfl.sim.engine import run_experiment
+from cadfl.sim.engine import Experiment, run_experiment
 
 from .test_engine import Interrupt, assert_same_checkpoints, metrics, stop_after
 
@@ -164,6 +164,14 @@ def test_fedrolex_window_rolls_with_the_round_and_wraps_around():
     assert hetero.kept_channels(4, 0.5)["conv1"].tolist() == [0, 1]
 
 
+def test_the_auto_rate_follows_the_runs_cad_depth(digits):
+    deep = Experiment.setup(load_config(None, ["devices=4", "cad.depth=2"]), digits)
+    shallow = Experiment.setup(load_config(None, ["devices=4", "cad.depth=0"]), digits)
+    rates = [exp.strategy("heterofl").notes for exp in (deep, shallow)]
+    assert [n["cad_depth"] for n in rates] == [2, 0]
+    assert rates[0]["auto_rate"] != rates[1]["auto_rate"]
+
+
 def test_auto_rate_matches_the_training_flops_of_cads_sub_models():
     spec = get_model("digits_cnn", 10)
     devices = [DeviceInfo(d, tuple(10 if (c - d) % 10 < 5 else 0 for c in range(10)))
@@ -185,9 +193,11 @@ def test_auto_rate_matches_the_training_flops_of_cads_sub_models():
 def test_config_checks():
     with pytest.raises(ConfigError, match=r"heterofl.rates\[1\]: 1.5 is out of range"):
         load_config(None, ["heterofl.rates=[0.5, 1.5]"])
-    with pytest.raises(ConfigError, match="heterofl.depth: 1 differs from cad.depth = 2"):
-        load_config(None, ['algorithms=["cad", "heterofl"]', "cad.depth=2"])
-    load_config(None, ['algorithms=["cad", "heterofl"]', "cad.depth=2", "heterofl.depth=2"])
+    with pytest.raises(ConfigError, match="heterofl.rates: give rates when cad.depth"):
+        load_config(None, ['algorithms=["heterofl"]', 'cad.assign="activation"',
+                           'cad.depth="auto"', "cad.warmup_rounds=1"])
+    load_config(None, ['algorithms=["heterofl"]', 'cad.assign="activation"',
+                       'cad.depth="auto"', "cad.warmup_rounds=1", "heterofl.rates=[0.5]"])
     for name in ("heterofl", "fedrolex"):
         with pytest.raises(ConfigError, match=f"'keep_local' does not fit {name}"):
             load_config(None, [f'algorithms=["{name}"]', 'bn="keep_local"'])

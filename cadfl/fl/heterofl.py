@@ -13,9 +13,9 @@ like every other coordinate they send: all of a device's samples shape its row c
 softmax, not only those of class c.
 
 Rates: `rates = []` (the default, "auto") gives every device the width whose training FLOPs per
-sample equal the mean over the run's devices of CAD's sub-model at decoupling depth `depth`
-(which the config check holds equal to `cad.depth`; with `cad.depth = "auto"` CAD's depth is
-not known before it runs, and `depth` is used as given), so HeteroFL and CAD are compared at
+sample equal the mean over the run's devices of CAD's sub-model at the run's `cad.depth`
+(with `cad.depth = "auto"` CAD's depth is not known before it runs: give rates), so HeteroFL
+and CAD are compared at
 equal device cost; the chosen rate is recorded in the run directory (`notes-heterofl.json`).
 A list of rates is dealt to devices by id, `round_robin` (device d gets rates[d mod len]) or
 `random` (a draw seeded by the run's seed and the device id).
@@ -56,16 +56,14 @@ class HeteroFLOptions:
     algorithm: ClassVar[str] = "heterofl"
     rates: list[float] = field(default_factory=list)  # [] = auto: CAD's sub-model cost
     assign: str = "round_robin"  # how a list of rates is dealt: round_robin or random
-    depth: int = 1  # auto: the CAD decoupling depth whose sub-model cost is matched
 
     def check(self, cfg: Any) -> None:
-        """ValueError naming the field if a value is out of range, if the auto rate would
-        match another CAD than the run's (`depth` differs from `cad.depth`), or if devices
+        """ValueError naming the field if a value is out of range, if the auto rate has no
+        CAD depth to match (`cad.depth = "auto"` is only known once CAD runs), or if devices
         are to keep their batch-norm statistics (`bn = "keep_local"`)."""
         for i, r in enumerate(self.rates):
             check_range(f"{self.algorithm}.rates[{i}]", r, 0, 1, low_open=True)
         check_one_of(f"{self.algorithm}.assign", self.assign, ASSIGN)
-        check_range(f"{self.algorithm}.depth", self.depth, 0)
         if self.algorithm not in cfg.algorithms:
             return
         if cfg.bn == "keep_local":
@@ -73,13 +71,9 @@ class HeteroFLOptions:
             # moving) set than the global model it would be scored with.
             raise ValueError(f"bn: 'keep_local' does not fit {self.algorithm} (a device keeps "
                              "statistics of its sub-model's channels only); use 'average'")
-        cad = cfg.options_of("cad")
-        if (not self.rates and cad is not None and isinstance(cad.depth, int)
-                and cad.depth != self.depth):
-            raise ValueError(f"{self.algorithm}.depth: {self.depth} differs from cad.depth = "
-                             f"{cad.depth}: the auto rate matches CAD's sub-model cost at "
-                             f"{self.algorithm}.depth; set both equal, or give "
-                             f"{self.algorithm}.rates")
+        if not self.rates and not isinstance(cfg.options_of("cad").depth, int):
+            raise ValueError(f"{self.algorithm}.rates: give rates when cad.depth is \"auto\" "
+                             "(the auto rate matches CAD's sub-model cost at cad.depth)")
 
 
 def mean_cad_flops(spec: ModelSpec, devices: Sequence[DeviceInfo], depth: int) -> float:
@@ -129,8 +123,10 @@ class HeteroFL(Strategy):
                      ) -> HeteroFL:
         """The strategy for a run (the auto rate needs the run's devices)."""
         o = options or cls.Options()
+        cad = setting.options.get("cad")
+        depth = cad.depth if cad is not None and isinstance(cad.depth, int) else 1
         return cls(setting.spec, setting.train, setting.devices, bn=setting.bn,
-                   robust=setting.robust, rates=tuple(o.rates), assign=o.assign, depth=o.depth)
+                   robust=setting.robust, rates=tuple(o.rates), assign=o.assign, depth=depth)
 
     def __init__(self, spec: ModelSpec, train: TrainConfig, devices: Sequence[DeviceInfo],
                  bn: str = "average", robust: Robustness = MEAN, rates: Sequence[float] = (),

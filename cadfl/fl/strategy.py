@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 from ..cad.grow import grow_dense
@@ -41,7 +41,9 @@ def device_seed(seed: int, rnd: int, device: int) -> int:
 class Setting:
     """What every strategy of a run is built from: the dense model, the device training
     settings, the devices, the batch-norm mode, the aggregation rule, the label of
-    out-of-context images (Others; None when the run has none) and the initial weights."""
+    out-of-context images (Others; None when the run has none), the initial weights, and
+    every algorithm's settings of the run (one algorithm may match another: HeteroFL's width
+    matches CAD's sub-model cost at `cad.depth`)."""
 
     spec: ModelSpec
     train: TrainConfig
@@ -50,6 +52,7 @@ class Setting:
     robust: Robustness = MEAN
     other: int | None = None
     init: State | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 class Strategy(ABC):

@@ -244,7 +244,7 @@ class Experiment:
         cfg = self.cfg.for_algorithm(name)
         robust = Robustness(cfg.aggregation.rule, cfg.aggregation.trim, cfg.aggregation.clip)
         setting = Setting(self.spec, self.train_config(cfg), self.devices, cfg.bn, robust,
-                          self.other, self.init)
+                          self.other, self.init, cfg.options)
         try:
             return ALGORITHMS[name].from_setting(setting, cfg.options_of(name))
         except ValueError as exc:  # e.g. a depth the model cannot take, a bad checkpoint
