@@ -112,7 +112,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from .report.summary import summarize, text_table
+    from .report.summary import leaders, summarize, text_table
     from .sim.config import load_config
     from .sim.engine import run_experiment
 
@@ -149,7 +149,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                       gpus_per_client=args.flower_gpus)
     else:
         lines = run_experiment(cfg, out, resume=bool(args.resume), quiet=args.quiet)
-    print(text_table(summarize(lines, cfg.target_acc, cfg.sampled_per_round())))
+    rows = summarize(lines, cfg.target_acc, cfg.sampled_per_round())
+    print(text_table(rows))
+    print("\nwho leads:\n" + leaders(rows))
     print(f"\nrun directory: {out}  (summary.md, curves.png, metrics.jsonl)")
     return 0
 

@@ -69,3 +69,29 @@ def text_table(rows: Sequence[dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w)
                                for i, (c, w) in enumerate(zip(r, widths, strict=True)))
                      for r in table)
+
+
+# Which way is better for each metric the closing lines compare.
+LEADS = [("best_global_acc", "best global accuracy", max, "{:.3f}"),
+         ("best_context_acc", "best context accuracy", max, "{:.3f}"),
+         ("mb_per_device_round", "MB per device per round", min, "{:.3f}"),
+         ("gflops_per_device_round", "device GFLOPs per round", min, "{:.3f}")]
+
+
+def leaders(rows: Sequence[dict]) -> str:
+    """One line per metric: which algorithm leads, and by how much over the next one
+    (algorithms that communicate nothing are left out of the bytes line)."""
+    out = []
+    for key, label, best, fmt in LEADS:
+        have = [r for r in rows if r[key] is not None
+                and not (key == "mb_per_device_round" and r[key] == 0)]
+        if len(have) < 2:
+            continue
+        ranked = sorted(have, key=lambda r: r[key], reverse=best is max)
+        first, second = ranked[0], ranked[1]
+        gap = abs(first[key] - second[key])
+        margin = (f"by {gap:.3f} over {second['algorithm']}" if key.endswith("acc")
+                  else f"{first[key] / second[key]:.2f}x of {second['algorithm']}'s"
+                  if second[key] else "")
+        out.append(f"{label}: {first['algorithm']} ({fmt.format(first[key])}), {margin}")
+    return "\n".join(out)

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -511,8 +512,10 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
             state, record = load_checkpoint(ckpt_dir, a)
             strategy.restore(record.get("structure") or {})
         runtime.store.resume(done.get(a, 0))
+        # Piped into a log, a bar would write a line per update: one line per algorithm then.
         bar = tqdm(range(done.get(a, 0) + 1, cfg.rounds + 1), desc=f"{a:>8}", unit="round",
-                   disable=quiet, initial=done.get(a, 0), total=cfg.rounds)
+                   disable=quiet or not sys.stderr.isatty(), initial=done.get(a, 0),
+                   total=cfg.rounds)
         for rnd in bar:
             runtime.store.round = rnd
             state, stats = exp.train_round(strategy, rnd, state, execute or runtime)
@@ -537,6 +540,11 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
             lines.append(line)
             if on_round:
                 on_round(line)
+        if bar.disable and not quiet:
+            last = [m for m in lines if m["algorithm"] == a and m["context_acc"] is not None]
+            accs = {k: last[-1][k] for k in ("global_acc", "context_acc")} if last else {}
+            print(f"{a:>8}: {cfg.rounds} rounds, " + ", ".join(
+                f"{k} {v:.3f}" for k, v in accs.items() if v is not None), flush=True)
     write_report(out, cfg, lines)
     return lines
 

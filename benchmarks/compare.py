@@ -1,0 +1,313 @@
+"""The comparison that counts: CAD against every peer, each tuned on validation data.
+
+For every setting: a learning-rate sweep of every algorithm on validation data (seed 0,
+`cadfl sweep`'s code; the test set is never looked at), then each (seed, algorithm) with its
+tuned settings in a run directory of its own. Everything is resumable: run the same command
+again and finished points and runs are read back, a half-done one continues (`--resume`).
+Then `OUT/results.md` gets one table per setting (mean +- std over seeds), and plots per
+setting: curves, accuracy against bytes and against device FLOPs, and a Pareto plot (context
+accuracy against device training GFLOPs and MB per round). `--readme` rewrites the README's
+block between `<!-- compare:begin -->` and `<!-- compare:end -->` from the same tables.
+
+    .venv/bin/python benchmarks/compare.py --plan            # time one round of each algorithm
+    nohup .venv/bin/python benchmarks/compare.py --settings paper-flcnn --seeds 0 1 \\
+        --out docs/results/compare > runs/compare.log 2>&1 &
+    .venv/bin/python benchmarks/compare.py --report-only --readme --out docs/results/compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cadfl.fl import ALGORITHMS  # noqa: E402
+from cadfl.sim.config import Config, load_config  # noqa: E402
+from cadfl.sim.engine import read_metrics, run_experiment  # noqa: E402
+from cadfl.sim.sweep import run_sweep  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ["cad", "fed2", "heterofl", "fedrolex", "fedavg", "fedprox", "scaffold", "fedper",
+         "fedrep", "ditto", "local"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One comparison: a preset, the choices that fit it to this CPU, and its sweep."""
+
+    preset: str
+    overrides: tuple[str, ...]
+    algorithms: tuple[str, ...]
+    lrs: tuple[float, ...]
+    sweep_rounds: int
+    what: str
+
+
+EVAL = ("eval_every=2", "test_fraction=0.2")
+SETTINGS = {
+    "paper-flcnn": Setting(
+        "cifar10-flcnn-5cls.toml", ("data_fraction=0.2", "rounds=30", *EVAL),
+        (*PEERS, "central"), (0.01, 0.03, 0.1), 10,
+        "the CAD paper's setting with the small FL CNN: 10 devices x 5 random classes, all "
+        "take part, 1 local epoch, 20% of the training images (1,000 per device)"),
+    "paper-alexnet": Setting(
+        "cifar10-alexnet-5cls.toml", ("data_fraction=0.1", "rounds=16", *EVAL),
+        (*PEERS, "central"), (0.005, 0.01, 0.02), 6,
+        "the CAD paper's setting with AlexNet at CPU scale: 10 devices x 5 classes, 10% of "
+        "the training images (500 per device)"),
+    "xdev-2cls": Setting(
+        "cifar10-flcnn-xdev.toml", ("partition.k=2", *EVAL), tuple(PEERS), (0.01, 0.03, 0.1),
+        15, "cross-device: 100 devices x 2 classes, 10 per round, 2 local epochs"),
+    "xdev-5cls": Setting(
+        "cifar10-flcnn-xdev.toml", ("partition.k=5", *EVAL), tuple(PEERS), (0.01, 0.03, 0.1),
+        15, "cross-device: 100 devices x 5 classes, 10 per round, 2 local epochs"),
+}
+
+
+def base_config(name: str, extra: tuple[str, ...] = ()) -> tuple[str, list[str]]:
+    """The preset path and overrides of a setting."""
+    s = SETTINGS[name]
+    algos = "[" + ", ".join(f'"{a}"' for a in s.algorithms) + "]"
+    return str(ROOT / "configs" / s.preset), [*s.overrides, f"algorithms={algos}", *extra]
+
+
+def plan(names: list[str], seeds: int) -> None:
+    """Time one round of every algorithm per setting and print the estimated cost."""
+    total = 0.0
+    for name in names:
+        s = SETTINGS[name]
+        path, overrides = base_config(name)
+        cfg = load_config(path, overrides)
+        out = ROOT / "runs" / "compare-plan" / name
+        lines = run_experiment(load_config(path, [*overrides, "rounds=1", "eval_every=1"]),
+                               out, quiet=True)
+        per_round = {m["algorithm"]: m["wall_s"] for m in lines}
+        rounds = len(s.lrs) * s.sweep_rounds + seeds * cfg.rounds
+        cost = sum(per_round.values()) * rounds
+        total += cost
+        print(f"{name}: one round " + ", ".join(f"{a} {t:.1f}s" for a, t in per_round.items()))
+        print(f"  {len(s.lrs)} lrs x {s.sweep_rounds} sweep rounds + {seeds} seeds x "
+              f"{cfg.rounds} rounds: about {cost / 60:.0f} min (evaluation not counted)")
+    print(f"all: about {total / 3600:.1f} h")
+
+
+def run_setting(name: str, seeds: list[int], out: Path) -> None:
+    """Sweep, then every (seed, algorithm), each resumable."""
+    s = SETTINGS[name]
+    path, overrides = base_config(name)
+    grid = [("train.lr", list(s.lrs))]
+    sweep_dir = out / name / "sweep"
+    print(f"{time.strftime('%H:%M:%S')} {name}: sweep", flush=True)
+    tuned = run_sweep(path, overrides, grid, s.sweep_rounds, sweep_dir, quiet=False).tuned
+    for seed in seeds:
+        for algo in s.algorithms:
+            run_dir = out / name / f"seed-{seed}" / algo
+            cfg = _single(tuned, algo, seed)
+            done = read_metrics(run_dir / "metrics.jsonl")
+            if len(done) >= cfg.rounds and (run_dir / "summary.md").exists():
+                continue
+            print(f"{time.strftime('%H:%M:%S')} {name} seed {seed} {algo}", flush=True)
+            run_experiment(cfg, run_dir, resume=(run_dir / "config.toml").exists(), quiet=True)
+
+
+def _single(tuned: Config, algo: str, seed: int) -> Config:
+    from cadfl.sim.config import config_from_dict
+
+    data = tuned.for_algorithm(algo).to_dict()
+    data.update(algorithms=[algo], seed=seed, overrides={})
+    return config_from_dict(data)
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+
+
+def collect(out: Path, name: str) -> dict[str, dict[int, list[dict]]]:
+    """Metric lines per algorithm and seed of a setting's finished runs."""
+    found: dict[str, dict[int, list[dict]]] = {}
+    for run_dir in sorted((out / name).glob("seed-*/*")):
+        lines = read_metrics(run_dir / "metrics.jsonl")
+        if not (run_dir / "summary.md").exists() or not lines:
+            continue
+        seed = int(run_dir.parent.name.split("-")[1])
+        found.setdefault(run_dir.name, {})[seed] = lines
+    return found
+
+
+def table(out: Path, name: str) -> tuple[str, list[dict]]:
+    """The setting's results table (markdown) and its rows."""
+    s = SETTINGS[name]
+    runs = collect(out, name)
+    tuned_path = out / name / "sweep" / "tuned.toml"
+    tuned = load_config(tuned_path) if tuned_path.exists() else None
+    rows = []
+    for algo in s.algorithms:
+        if algo not in runs:
+            continue
+        per_seed = runs[algo]
+        first = next(iter(per_seed.values()))
+        cfg = load_config(next((out / name).glob(f"seed-*/{algo}/config.toml")))
+
+        def pick(key: str, how) -> list[float]:
+            return [how([m[key] for m in lines if m[key] is not None] or [math.nan])
+                    for lines in per_seed.values()]
+
+        target = cfg.target_acc
+        key = "global_acc" if first[-1]["global_acc"] is not None else "context_acc"
+        reached = [next((m["round"] for m in lines if m[key] is not None and m[key] >= target),
+                        None) for lines in per_seed.values()]
+        rows.append({
+            "algorithm": algo, "family": ALGORITHMS[algo].family,
+            "judged_by": ALGORITHMS[algo].judged_by,
+            "lr": tuned.for_algorithm(algo).train.lr if tuned else cfg.train.lr,
+            "seeds": sorted(per_seed), "rounds": cfg.rounds,
+            "best_global": _mean_std(pick("global_acc", max)),
+            "last_global": _mean_std(pick("global_acc", lambda v: v[-1])),
+            "best_context": _mean_std(pick("context_acc", max)),
+            "last_context": _mean_std(pick("context_acc", lambda v: v[-1])),
+            "last_context_value": statistics.mean(pick("context_acc", lambda v: v[-1])),
+            "target": f"{target} ({key.split('_')[0]})",
+            "reached": ", ".join("-" if r is None else str(r) for r in reached),
+            "mb": statistics.mean((m["bytes_down"] + m["bytes_up"]) / 1e6
+                                  for lines in per_seed.values() for m in lines),
+            "gflops": statistics.mean(m["device_train_flops"] / 1e9
+                                      for lines in per_seed.values() for m in lines),
+            "wall": statistics.mean(sum(m["wall_s"] for m in lines) / len(lines)
+                                    for lines in per_seed.values()),
+        })
+    head = ("| algorithm | family | judged by | tuned lr | best global | last global | "
+            "best context | last context | round reaching target | MB/device/round | "
+            "device GFLOPs/round | train s/round |\n|" + "---|" * 12)
+    body = "\n".join(
+        f"| {r['algorithm']} | {r['family']} | {r['judged_by']} | {r['lr']:g} | "
+        f"{r['best_global']} | {r['last_global']} | {r['best_context']} | "
+        f"{r['last_context']} | {r['reached']} | {r['mb']:.2f} | {r['gflops']:.2f} | "
+        f"{r['wall']:.1f} |" for r in rows)
+    return f"{head}\n{body}", rows
+
+
+def plots(out: Path, name: str) -> None:
+    """curves.png (mean over seeds), cost.png (accuracy vs cumulative MB and GFLOPs) and
+    pareto.png (last context accuracy vs GFLOPs and MB per round) of a setting."""
+    runs = collect(out, name)
+    if not runs:
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    for algo, per_seed in runs.items():
+        for ax, key in zip(axes[:2], ("global_acc", "context_acc"), strict=True):
+            series = _mean_series(per_seed, key)
+            if series:
+                ax.plot(*zip(*series, strict=True), label=algo)
+        key = "global_acc" if ALGORITHMS[algo].judged_by != "context_acc" else "context_acc"
+        for ax, cost in zip(axes[2:], ("bytes", "flops"), strict=True):
+            lines = next(iter(per_seed.values()))
+            total, pts = 0.0, []
+            for m in lines:
+                total += ((m["bytes_down"] + m["bytes_up"]) / 1e6 if cost == "bytes"
+                          else m["device_train_flops"] / 1e9)
+                if m[key] is not None:
+                    pts.append((total, m[key]))
+            if pts and total > 0:
+                ax.plot(*zip(*pts, strict=True), label=algo)
+    titles = [("global accuracy", "round"), ("context accuracy", "round"),
+              ("accuracy (judged metric) vs communication", "cumulative MB per device"),
+              ("accuracy (judged metric) vs device compute", "cumulative GFLOPs per device")]
+    for ax, (t, xl) in zip(axes, titles, strict=True):
+        ax.set(title=t, xlabel=xl, ylabel="accuracy")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{name}: {SETTINGS[name].what}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / name / "curves.png", dpi=100)
+    plt.close(fig)
+    _, rows = table(out, name)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "gflops", "device training GFLOPs per round"),
+                           (axes[1], "mb", "MB per device per round")):
+        for r in rows:
+            ax.scatter(r[key], r["last_context_value"])
+            ax.annotate(r["algorithm"], (r[key], r["last_context_value"]), fontsize=8)
+        ax.set(xlabel=label, ylabel="last context accuracy (mean over seeds)",
+               title="cheaper and better: up and to the left")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{name}: context accuracy against device cost", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / name / "pareto.png", dpi=100)
+    plt.close(fig)
+
+
+def _mean_series(per_seed: dict[int, list[dict]], key: str) -> list[tuple[int, float]]:
+    by_round: dict[int, list[float]] = {}
+    for lines in per_seed.values():
+        for m in lines:
+            if m[key] is not None:
+                by_round.setdefault(m["round"], []).append(m[key])
+    return sorted((r, statistics.mean(v)) for r, v in by_round.items())
+
+
+def report(out: Path, names: list[str], readme: bool) -> None:
+    """results.md with one table per setting, the plots, and (with `readme`) the README
+    block regenerated from the same tables."""
+    parts = ["# CAD against every peer, tuned on validation data\n",
+             "Written by `benchmarks/compare.py`. Each algorithm's learning rate is the best "
+             "of its sweep on validation data (seed 0, a share of every device's images held "
+             "out of training; see each setting's `sweep/sweep.md`); the runs then train with "
+             "that validation share still held out and are scored on the test images. "
+             "Mean ± std over the seeds listed; 'round reaching target' per seed.\n"]
+    for name in names:
+        tab, rows = table(out, name)
+        if not rows:
+            parts.append(f"## {name}\n\nNot run yet ({SETTINGS[name].what}).\n")
+            continue
+        plots(out, name)
+        path, overrides = base_config(name)
+        parts.append(f"## {name}\n\n{SETTINGS[name].what}; preset `configs/"
+                     f"{SETTINGS[name].preset}` with `{' '.join(overrides)}`; seeds "
+                     f"{sorted({s for r in rows for s in r['seeds']})}.\n\n{tab}\n\n"
+                     f"![curves]({name}/curves.png)\n\n![pareto]({name}/pareto.png)\n")
+    text = "\n".join(parts)
+    (out / "results.md").write_text(text)
+    if readme:
+        path = ROOT / "README.md"
+        current = path.read_text()
+        begin, end = "<!-- compare:begin -->", "<!-- compare:end -->"
+        if begin in current and end in current:
+            head, rest = current.split(begin, 1)
+            tail = rest.split(end, 1)[1]
+            block = "\n".join(p for p in parts[2:])
+            path.write_text(f"{head}{begin}\n{block}\n{end}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "compare")
+    parser.add_argument("--plan", action="store_true", help="time one round, estimate cost")
+    parser.add_argument("--report-only", action="store_true", help="only write the report")
+    parser.add_argument("--readme", action="store_true", help="regenerate the README block")
+    args = parser.parse_args()
+    if args.plan:
+        plan(args.settings, len(args.seeds))
+        return
+    if not args.report_only:
+        for name in args.settings:
+            run_setting(name, args.seeds, args.out)
+            report(args.out, args.settings, args.readme)
+    report(args.out, args.settings, args.readme)
+
+
+if __name__ == "__main__":
+    main()
