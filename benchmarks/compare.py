@@ -160,7 +160,7 @@ def table(out: Path, name: str) -> tuple[str, list[dict]]:
         first = next(iter(per_seed.values()))
         cfg = load_config(next((out / name).glob(f"seed-*/{algo}/config.toml")))
 
-        def pick(key: str, how) -> list[float]:
+        def pick(key: str, how, per_seed=per_seed) -> list[float]:
             return [how([m[key] for m in lines if m[key] is not None] or [math.nan])
                     for lines in per_seed.values()]
 
