@@ -54,6 +54,21 @@ def without_wall(lines: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if k != "wall_s"} for m in lines]
 
 
+def own_run_without(cfg, digits, out, dropped: dict[int, set[int]]) -> list[dict]:
+    """The own engine's run of `cfg` with the devices `dropped[round]` giving no answer."""
+    from cadfl.runtime import Runtime
+
+    runtime = Runtime(Experiment.setup(cfg, digits).data)
+    rnd = [1]
+
+    def dropping(jobs):
+        for d, p in jobs:
+            yield d, p, None if d in dropped[rnd[0]] else runtime.run(d, p)
+
+    return run_experiment(cfg, out, quiet=True, dataset=digits, execute=dropping,
+                          on_round=lambda line: rnd.__setitem__(0, line["round"] + 1))
+
+
 def accs(lines: list[dict], algorithm: str) -> list[float]:
     return [m["global_acc"] for m in lines if m["algorithm"] == algorithm]
 
@@ -247,17 +262,7 @@ def test_failures_are_dropouts_and_nodes_may_come_back(tmp_path, digits, caplog)
     assert "device 2: now on node" not in text  # it left first, then came back
     assert execute.nodes[2] == grid.node_of(2)
     # The engine's own runtime with the same devices left out gives the same metric lines.
-    from cadfl.runtime import Runtime
-    dropped = {1: {3}, 2: {1, 3}, 3: {2, 3}, 4: {3}}
-    runtime = Runtime(Experiment.setup(cfg, digits).data)
-    rnd = [1]
-
-    def dropping(jobs):
-        for d, p in jobs:
-            yield d, p, None if d in dropped[rnd[0]] else runtime.run(d, p)
-
-    own = run_experiment(cfg, tmp_path / "own", quiet=True, dataset=digits, execute=dropping,
-                         on_round=lambda line: rnd.__setitem__(0, line["round"] + 1))
+    own = own_run_without(cfg, digits, tmp_path / "own", {1: {3}, 2: {1, 3}, 3: {2, 3}, 4: {3}})
     assert without_wall(lines) == without_wall(own)
 
 
@@ -520,7 +525,6 @@ def test_deployment_survives_a_supernode_killed_mid_run(tmp_path, digits):
     run with device 2 left out of exactly those rounds (the others' updates aggregated);
     no process is left behind."""
     from cadfl.flower.deploy import Deployment
-    from cadfl.runtime import Runtime
     overrides = ["devices=3", "rounds=2", "data_fraction=0.5", 'algorithms=["fedavg"]',
                  "round_deadline=60"]
     cfg = load_config(None, overrides)
@@ -545,15 +549,7 @@ def test_deployment_survives_a_supernode_killed_mid_run(tmp_path, digits):
     log = (out / "logs" / "flwr-run.log").read_text()
     assert "fedavg round 2 train: node" in log or "device 2: node" in log
     dropped = {m["round"]: {2} if m["rejected"] else set() for m in lines}
-    runtime = Runtime(Experiment.setup(cfg, digits).data)
-    rnd = [1]
-
-    def dropping(jobs):
-        for d, p in jobs:
-            yield d, p, None if d in dropped[rnd[0]] else runtime.run(d, p)
-
-    own = run_experiment(cfg, tmp_path / "own", quiet=True, dataset=digits, execute=dropping,
-                         on_round=lambda line: rnd.__setitem__(0, line["round"] + 1))
+    own = own_run_without(cfg, digits, tmp_path / "own", dropped)
     assert without_wall(lines) == without_wall(own)
 
 
