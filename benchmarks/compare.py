@@ -35,6 +35,7 @@ from cadfl.sim.engine import read_metrics, run_experiment  # noqa: E402
 from cadfl.sim.sweep import run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "compare"  # run directories (checkpoints: not committed)
 PEERS = ["cad", "fed2", "heterofl", "fedrolex", "fedavg", "fedprox", "scaffold", "fedper",
          "fedrep", "ditto", "local"]
 
@@ -54,8 +55,8 @@ class Setting:
 EVAL = ("eval_every=2", "test_fraction=0.2")
 SETTINGS = {
     "paper-flcnn": Setting(
-        "cifar10-flcnn-5cls.toml", ("data_fraction=0.2", "rounds=30", *EVAL),
-        (*PEERS, "central"), (0.01, 0.03, 0.1), 10,
+        "cifar10-flcnn-5cls.toml", ("data_fraction=0.2", "rounds=25", *EVAL),
+        (*PEERS, "central"), (0.01, 0.03, 0.1), 8,
         "the CAD paper's setting with the small FL CNN: 10 devices x 5 random classes, all "
         "take part, 1 local epoch, 20% of the training images (1,000 per device)"),
     "paper-alexnet": Setting(
@@ -104,12 +105,12 @@ def run_setting(name: str, seeds: list[int], out: Path) -> None:
     s = SETTINGS[name]
     path, overrides = base_config(name)
     grid = [("train.lr", list(s.lrs))]
-    sweep_dir = out / name / "sweep"
+    sweep_dir = RUNS / name / "sweep"
     print(f"{time.strftime('%H:%M:%S')} {name}: sweep", flush=True)
     tuned = run_sweep(path, overrides, grid, s.sweep_rounds, sweep_dir, quiet=False).tuned
     for seed in seeds:
         for algo in s.algorithms:
-            run_dir = out / name / f"seed-{seed}" / algo
+            run_dir = RUNS / name / f"seed-{seed}" / algo
             cfg = _single(tuned, algo, seed)
             done = read_metrics(run_dir / "metrics.jsonl")
             if len(done) >= cfg.rounds and (run_dir / "summary.md").exists():
@@ -137,7 +138,7 @@ def _mean_std(values: list[float]) -> str:
 def collect(out: Path, name: str) -> dict[str, dict[int, list[dict]]]:
     """Metric lines per algorithm and seed of a setting's finished runs."""
     found: dict[str, dict[int, list[dict]]] = {}
-    for run_dir in sorted((out / name).glob("seed-*/*")):
+    for run_dir in sorted((RUNS / name).glob("seed-*/*")):
         lines = read_metrics(run_dir / "metrics.jsonl")
         if not (run_dir / "summary.md").exists() or not lines:
             continue
@@ -150,7 +151,7 @@ def table(out: Path, name: str) -> tuple[str, list[dict]]:
     """The setting's results table (markdown) and its rows."""
     s = SETTINGS[name]
     runs = collect(out, name)
-    tuned_path = out / name / "sweep" / "tuned.toml"
+    tuned_path = RUNS / name / "sweep" / "tuned.toml"
     tuned = load_config(tuned_path) if tuned_path.exists() else None
     rows = []
     for algo in s.algorithms:
@@ -158,7 +159,7 @@ def table(out: Path, name: str) -> tuple[str, list[dict]]:
             continue
         per_seed = runs[algo]
         first = next(iter(per_seed.values()))
-        cfg = load_config(next((out / name).glob(f"seed-*/{algo}/config.toml")))
+        cfg = load_config(next((RUNS / name).glob(f"seed-*/{algo}/config.toml")))
 
         def pick(key: str, how, per_seed=per_seed) -> list[float]:
             return [how([m[key] for m in lines if m[key] is not None] or [math.nan])
@@ -230,6 +231,7 @@ def plots(out: Path, name: str) -> None:
     axes[1].legend(fontsize=7)
     fig.suptitle(f"{name}: {SETTINGS[name].what}", fontsize=9)
     fig.tight_layout()
+    (out / name).mkdir(parents=True, exist_ok=True)
     fig.savefig(out / name / "curves.png", dpi=100)
     plt.close(fig)
     _, rows = table(out, name)
@@ -263,8 +265,9 @@ def report(out: Path, names: list[str], readme: bool) -> None:
     parts = ["# CAD against every peer, tuned on validation data\n",
              "Written by `benchmarks/compare.py`. Each algorithm's learning rate is the best "
              "of its sweep on validation data (seed 0, a share of every device's images held "
-             "out of training; see each setting's `sweep/sweep.md`); the runs then train with "
-             "that validation share still held out and are scored on the test images. "
+             "out of training; see each setting's `sweep.md` and `tuned.toml`); the runs then "
+             "train with that validation share still held out and are scored on the test "
+             "images. "
              "Mean ± std over the seeds listed; 'round reaching target' per seed.\n"]
     for name in names:
         tab, rows = table(out, name)
@@ -272,6 +275,10 @@ def report(out: Path, names: list[str], readme: bool) -> None:
             parts.append(f"## {name}\n\nNot run yet ({SETTINGS[name].what}).\n")
             continue
         plots(out, name)
+        for kept in ("sweep.md", "heatmap.png", "tuned.toml"):
+            source = RUNS / name / "sweep" / kept
+            if source.exists():
+                (out / name / kept).write_bytes(source.read_bytes())
         path, overrides = base_config(name)
         parts.append(f"## {name}\n\n{SETTINGS[name].what}; preset `configs/"
                      f"{SETTINGS[name].preset}` with `{' '.join(overrides)}`; seeds "
