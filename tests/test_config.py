@@ -70,7 +70,8 @@ def test_cifar_presets_follow_the_paper(model, lr, batch_norm):
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
-    cfg = load_config(None, ["rounds=4", "sample=3", "train.lr=0.02", "bn=keep_local"])
+    cfg = load_config(None, ["rounds=4", "sample=3", "train.lr=0.02", "bn=keep_local",
+                             'algorithms=["cad", "fedavg"]'])
     path = tmp_path / "config.toml"
     path.write_text(cfg.to_toml())
     assert load_config(path) == cfg
@@ -182,8 +183,10 @@ def test_per_algorithm_overrides_change_only_that_algorithm(tmp_path):
     assert (prox.options_of("fedprox").mu, prox.train.epochs, prox.train.lr) == (0.5, 2, 0.05)
     assert load_config(None, ["overrides={fedavg={train={lr=0.02}}}"]).overrides == \
         {"fedavg": {"train": {"lr": 0.02}}}
+    # The embedded default carries its tuned learning rates; a file lists its own.
+    assert load_config(None, []).overrides["fedavg"] == {"train": {"lr": 0.02}}
+    assert load_config(path).overrides.keys() == {"fedavg", "fedprox"}
     # The resolved config keeps them: a resumed run trains with the same settings.
-    assert load_config(None, []).overrides == {}
     written = tmp_path / "written.toml"
     written.write_text(cfg.to_toml())
     assert load_config(written) == cfg

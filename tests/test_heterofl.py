@@ -206,7 +206,7 @@ def test_config_checks():
 
 def small(*overrides: str):
     return load_config(None, ["devices=4", "rounds=3", "data_fraction=0.5",
-                              'algorithms=["heterofl", "fedrolex"]',
+                              'algorithms=["heterofl", "fedrolex"]', "overrides={}",
                               "fedrolex.rates=[1.0, 0.5]", *overrides])
 
 

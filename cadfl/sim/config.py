@@ -34,6 +34,14 @@ class ConfigError(ValueError):
 OVERRIDABLE = ("train",)
 
 
+# Each algorithm's learning rate on the embedded default, chosen on validation data by
+# `cadfl sweep` (docs/results/sweep-digits: 30 rounds, lr 0.01-0.2; 0.2-0.5 for the sub-model
+# peers, whose best was at the top of the first grid).
+DIGITS_LR = {"cad": 0.02, "fed2": 0.02, "fedavg": 0.02, "fedprox": 0.02, "scaffold": 0.05,
+             "fedper": 0.02, "fedrep": 0.05, "ditto": 0.02, "heterofl": 0.5, "fedrolex": 0.5,
+             "local": 0.01, "central": 0.01}
+
+
 def default_options() -> dict[str, Any]:
     """Every registered algorithm's settings at their defaults."""
     from ..fl import ALGORITHMS
@@ -144,7 +152,7 @@ class Config:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     rounds: int = 30
     algorithms: list[str] = field(
-        default_factory=lambda: ["cad", "fed2", "fedavg", "fedprox", "local"])
+        default_factory=lambda: ["cad", "fedavg", "fedper", "fedrolex", "local"])
     seed: int = 0
     sample: int | float = 1.0
     eval_every: int = 1
@@ -166,7 +174,8 @@ class Config:
     eval_devices: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     options: dict[str, Any] = field(default_factory=lambda: default_options())
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    overrides: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {a: {"train": {"lr": lr}} for a, lr in DIGITS_LR.items()})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what is written to the run directory): each algorithm's
@@ -353,7 +362,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     data = dict(data)
     tables = {name: data.pop(name) for name in list(data)
               if name in ALGORITHMS and ALGORITHMS[name].Options is not None}
-    overrides = data.pop("overrides", {})
+    overrides = data.pop("overrides", {})  # a file without [overrides.*] tunes nothing
     if not isinstance(overrides, dict) or not all(isinstance(v, dict)
                                                  for v in overrides.values()):
         raise ConfigError("overrides: expected tables [overrides.NAME] of settings, got "
@@ -366,8 +375,12 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """The validated config: defaults, then the TOML file (if any), then the overrides."""
-    data: dict[str, Any] = {}
+    """The validated config: defaults, then the TOML file (if any), then the overrides.
+
+    Per-algorithm `[overrides.NAME]` belong to an experiment: the embedded default (no file)
+    has the learning rates tuned for it, a file has those it lists and no others.
+    """
+    data: dict[str, Any] = {"overrides": Config().overrides}
     if path is not None:
         path = Path(path)
         try:
