@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
+from functools import cached_property
 
 import torch
 
@@ -127,7 +128,7 @@ class DeviceInfo:
     id: int
     class_counts: tuple[int, ...]
 
-    @property
+    @cached_property  # asked for every device at every evaluation: thousands of times
     def classes(self) -> tuple[int, ...]:
         """The device's context: the classes it holds samples of, ascending."""
         return tuple(c for c, n in enumerate(self.class_counts) if n > 0)
