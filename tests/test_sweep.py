@@ -59,3 +59,12 @@ def test_a_sweep_picks_each_algorithms_best_point_on_validation_data(tmp_path, c
     stamp = (out / "point-00" / "metrics.jsonl").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "point-00" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_the_grid_is_not_hidden_by_the_configs_own_overrides(tmp_path):
+    # The embedded default carries tuned learning rates; the sweep's points must not.
+    main(["sweep", "--grid", "train.lr=0.01,0.1", "--rounds", "1", "--quiet", "--out",
+          str(tmp_path), "--set", "devices=2", "--set", 'algorithms=["fedavg"]'])
+    for i, lr in enumerate((0.01, 0.1)):
+        cfg = load_config(tmp_path / f"point-{i:02d}" / "config.toml")
+        assert cfg.overrides == {} and cfg.for_algorithm("fedavg").train.lr == lr

@@ -7,7 +7,8 @@ once per grid point (the cartesian product of the `--grid` settings), each run w
 the metric it is judged by (`Strategy.judged_by`: context accuracy for personalised ones, the
 mean of global and context accuracy for the rest), averaged over its last `LAST` evaluated
 rounds so that one lucky round does not decide. The best point per algorithm becomes its
-`[overrides.NAME]` in the tuned config, which `cadfl run` takes as it is.
+`[overrides.NAME]` in the tuned config, which `cadfl run` takes as it is. The config's own
+`[overrides.*]` are left out of the sweep: every point starts from the base settings.
 
 Every point is a run directory of its own under the sweep's folder, so an interrupted sweep
 continues where it stopped (finished points are read back, a half-done one resumed).
@@ -106,6 +107,9 @@ def run_sweep(config: str | None, overrides: Sequence[str], grid: Sequence[tuple
               rounds: int, out: Path, quiet: bool = False) -> SweepResult:
     """Run the sweep into `out` (one run directory per point) and write `sweep.md`,
     `sweep.json`, `heatmap.png` and the tuned config `tuned.toml`."""
+    # Every point starts from the base settings: tuned [overrides.*] of the config (the
+    # embedded default has some) would hide the grid's values.
+    overrides = [*overrides, "overrides={}"]
     base = load_config(config, overrides)
     validation = base.validation_fraction or DEFAULT_VALIDATION
     keys = [k for k, _ in grid]
