@@ -54,6 +54,10 @@ class Setting:
 
 EVAL = ("eval_every=2", "test_fraction=0.2")
 SETTINGS = {
+    "digits": Setting(
+        "digits-demo.toml", ("seed=0",), tuple(PEERS), (), 0,
+        "the embedded default: digits, 10 devices x 5 classes, 30 rounds, every algorithm at "
+        "the learning rate its validation sweep chose (docs/results/sweep-digits)"),
     "paper-flcnn": Setting(
         "cifar10-flcnn-5cls.toml", ("data_fraction=0.2", "rounds=25", *EVAL),
         (*PEERS, "central"), (0.01, 0.03, 0.1), 8,
@@ -104,10 +108,12 @@ def run_setting(name: str, seeds: list[int], out: Path) -> None:
     """Sweep, then every (seed, algorithm), each resumable."""
     s = SETTINGS[name]
     path, overrides = base_config(name)
-    grid = [("train.lr", list(s.lrs))]
-    sweep_dir = RUNS / name / "sweep"
-    print(f"{time.strftime('%H:%M:%S')} {name}: sweep", flush=True)
-    tuned = run_sweep(path, overrides, grid, s.sweep_rounds, sweep_dir, quiet=False).tuned
+    if s.sweep_rounds:
+        print(f"{time.strftime('%H:%M:%S')} {name}: sweep", flush=True)
+        tuned = run_sweep(path, overrides, [("train.lr", list(s.lrs))], s.sweep_rounds,
+                          RUNS / name / "sweep", quiet=False).tuned
+    else:  # tuned already: the preset carries its sweep's choices as [overrides.*]
+        tuned = load_config(path, overrides)
     for seed in seeds:
         for algo in s.algorithms:
             run_dir = RUNS / name / f"seed-{seed}" / algo
@@ -138,28 +144,34 @@ def _mean_std(values: list[float]) -> str:
 def collect(out: Path, name: str) -> dict[str, dict[int, list[dict]]]:
     """Metric lines per algorithm and seed of a setting's finished runs."""
     found: dict[str, dict[int, list[dict]]] = {}
-    for run_dir in sorted((RUNS / name).glob("seed-*/*")):
-        lines = read_metrics(run_dir / "metrics.jsonl")
-        if not (run_dir / "summary.md").exists() or not lines:
-            continue
-        seed = int(run_dir.parent.name.split("-")[1])
-        found.setdefault(run_dir.name, {})[seed] = lines
+    for summary in sorted((RUNS / name).glob("seed-*/**/summary.md")):
+        seed = int(summary.relative_to(RUNS / name).parts[0].split("-")[1])
+        for m in read_metrics(summary.parent / "metrics.jsonl"):
+            found.setdefault(m["algorithm"], {}).setdefault(seed, []).append(m)
     return found
+
+
+def _run_config(name: str, algo: str) -> Config:
+    """The config an algorithm of the setting ran with (its own run directory's, or the
+    shared one of a run of several algorithms)."""
+    for path in sorted((RUNS / name).glob("seed-*/**/config.toml")):
+        cfg = load_config(path)
+        if algo in cfg.algorithms:
+            return cfg
+    raise FileNotFoundError(f"no run of {algo} in {RUNS / name}")
 
 
 def table(out: Path, name: str) -> tuple[str, list[dict]]:
     """The setting's results table (markdown) and its rows."""
     s = SETTINGS[name]
     runs = collect(out, name)
-    tuned_path = RUNS / name / "sweep" / "tuned.toml"
-    tuned = load_config(tuned_path) if tuned_path.exists() else None
     rows = []
     for algo in s.algorithms:
         if algo not in runs:
             continue
         per_seed = runs[algo]
         first = next(iter(per_seed.values()))
-        cfg = load_config(next((RUNS / name).glob(f"seed-*/{algo}/config.toml")))
+        cfg = _run_config(name, algo)
 
         def pick(key: str, how, per_seed=per_seed) -> list[float]:
             return [how([m[key] for m in lines if m[key] is not None] or [math.nan])
@@ -172,7 +184,7 @@ def table(out: Path, name: str) -> tuple[str, list[dict]]:
         rows.append({
             "algorithm": algo, "family": ALGORITHMS[algo].family,
             "judged_by": ALGORITHMS[algo].judged_by,
-            "lr": tuned.for_algorithm(algo).train.lr if tuned else cfg.train.lr,
+            "lr": cfg.for_algorithm(algo).train.lr,
             "seeds": sorted(per_seed), "rounds": cfg.rounds,
             "best_global": _mean_std(pick("global_acc", max)),
             "last_global": _mean_std(pick("global_acc", lambda v: v[-1])),
@@ -272,7 +284,7 @@ def report(out: Path, names: list[str], readme: bool) -> None:
     for name in names:
         tab, rows = table(out, name)
         if not rows:
-            parts.append(f"## {name}\n\nNot run yet ({SETTINGS[name].what}).\n")
+            parts.append(f"### {name}\n\nNot run yet ({SETTINGS[name].what}).\n")
             continue
         plots(out, name)
         for kept in ("sweep.md", "heatmap.png", "tuned.toml"):
@@ -280,21 +292,28 @@ def report(out: Path, names: list[str], readme: bool) -> None:
             if source.exists():
                 (out / name / kept).write_bytes(source.read_bytes())
         path, overrides = base_config(name)
-        parts.append(f"## {name}\n\n{SETTINGS[name].what}; preset `configs/"
+        parts.append(f"### {name}\n\n{SETTINGS[name].what}; preset `configs/"
                      f"{SETTINGS[name].preset}` with `{' '.join(overrides)}`; seeds "
                      f"{sorted({s for r in rows for s in r['seeds']})}.\n\n{tab}\n\n"
                      f"![curves]({name}/curves.png)\n\n![pareto]({name}/pareto.png)\n")
     text = "\n".join(parts)
     (out / "results.md").write_text(text)
     if readme:
-        path = ROOT / "README.md"
-        current = path.read_text()
-        begin, end = "<!-- compare:begin -->", "<!-- compare:end -->"
-        if begin in current and end in current:
-            head, rest = current.split(begin, 1)
-            tail = rest.split(end, 1)[1]
-            block = "\n".join(p for p in parts[2:])
-            path.write_text(f"{head}{begin}\n{block}\n{end}{tail}")
+        # The same tables in the README and in docs/results.md, between the markers; the
+        # image links are relative to the results folder.
+        for doc in (ROOT / "README.md", ROOT / "docs" / "results.md"):
+            link = out.relative_to(doc.parent).as_posix()
+            block = "\n".join(parts[2:]).replace("](", f"]({link}/")
+            _replace_block(doc, block)
+
+
+def _replace_block(doc: Path, block: str) -> None:
+    """Put `block` between the compare markers of `doc` (nothing if it has none)."""
+    begin, end = "<!-- compare:begin -->", "<!-- compare:end -->"
+    text = doc.read_text()
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        doc.write_text(f"{head}{begin}\n{block}\n{end}{rest.split(end, 1)[1]}")
 
 
 def main() -> None:
