@@ -1,12 +1,14 @@
-"""Datasets held in memory as uint8 image tensors: scikit-learn's 8x8 digits, CIFAR-10, and a
-generated `synthetic` set of any size for scale tests.
+"""Datasets held in memory as uint8 image tensors: scikit-learn's 8x8 digits, CIFAR-10, a
+generated `synthetic` set of any size for scale tests, and `folder`: a user's own images, one
+sub-folder per class (the ImageFolder layout).
 
-Both loaders return a `Dataset` whose images are uint8 (N, C, H, W); normalisation and
+Every loader returns a `Dataset` whose images are uint8 (N, C, H, W); normalisation and
 augmentation happen per batch (see `cadfl.data.augment`), so a whole dataset stays small
 (CIFAR-10 train is 150 MB as uint8, 600 MB as float32).
 """
 
 import hashlib
+import math
 import os
 import pickle
 import shutil
@@ -52,7 +54,9 @@ class Dataset:
 
     Images are uint8 (N, C, H, W), contiguous; labels are int64 (N,). `mean`/`std` are the
     per-channel statistics of `train_x / 255`, used by `augment.to_float`. `crop_padding`
-    and `flip` are the dataset's default training augmentation.
+    and `flip` are the dataset's default training augmentation. `owners`, when set, is the
+    device each training image belongs to: a dataset that comes split by its devices (the
+    nodes' own data), which the engine keeps as it is instead of partitioning it.
     """
 
     name: str
@@ -65,6 +69,7 @@ class Dataset:
     std: tuple[float, ...]
     crop_padding: int
     flip: bool
+    owners: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -318,13 +323,79 @@ def load_synthetic(data_dir: str | Path | None = None, *, images: int = 200_000,
                          crop_padding=1 if size >= 8 else 0, flip=False)
 
 
+FOLDER_SPLIT_SEED = 0
+
+
+def _read_image(path: Path, mode: str, size: int) -> np.ndarray:
+    """One image file as a uint8 (C, size, size) array in PIL `mode` ("L" or "RGB")."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+            pixels = np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DataError(f"folder dataset: {path} is not a readable image ({e})") from e
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def load_folder(data_dir: str | Path | None = None, *, size: int = 32, channels: int = 3,
+                test_fraction: float = 0.2, seed: int = FOLDER_SPLIT_SEED) -> Dataset:
+    """A user's own images: `data_dir` holds one sub-folder per class (its name is the class
+    name), the images inside (any format PIL reads; hidden files are skipped).
+
+    Images are converted to RGB (`channels` 3) or grayscale (1) and resized to size x size.
+    Classes are sorted by name; `test_fraction` of every class's images (rounded, drawn with
+    `seed`) is held out as the test split. Raises DataError for a missing folder, a folder
+    without class sub-folders, an empty class folder or an unreadable image.
+    """
+    if data_dir is None:
+        raise DataError("folder dataset: give the folder of images (data_dir = DIR, one "
+                        "sub-folder per class)")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"folder dataset: {root} is not a folder (expected one sub-folder of "
+                        "images per class)")
+    if channels not in (1, 3) or size < 1 or not 0 <= test_fraction < 1:
+        raise DataError("folder dataset: channels must be 1 or 3, size >= 1 and "
+                        f"test_fraction in [0, 1); got {channels}, {size}, {test_fraction}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"folder dataset: {root} has no class sub-folders")
+    mode = "L" if channels == 1 else "RGB"
+    rng = np.random.default_rng(seed)
+    train_x, train_y, test_x, test_y = [], [], [], []
+    for c, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir()
+                       if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"folder dataset: class folder {root / name} has no images")
+        images = np.stack([_read_image(p, mode, size) for p in files])
+        order = rng.permutation(len(images))
+        # Rounded half up, and at least one training image per class.
+        held = np.sort(order[: min(len(images) - 1,
+                                   math.floor(len(images) * test_fraction + 0.5))])
+        is_test = np.zeros(len(images), dtype=bool)
+        is_test[held] = True
+        train_x.append(images[~is_test])
+        test_x.append(images[is_test])
+        train_y += [c] * int((~is_test).sum())
+        test_y += [c] * int(is_test.sum())
+    # Crop padding in proportion to the size (CIFAR-10's 4 at 32, the digits' 1 at 8); no
+    # flips: they would change the class of digits or text.
+    return _make_dataset("folder", np.concatenate(train_x), np.array(train_y),
+                         np.concatenate(test_x), np.array(test_y), classes,
+                         crop_padding=size // 8, flip=False)
+
+
 DATASETS: dict[str, Callable[..., Dataset]] = {"cifar10": load_cifar10, "digits": load_digits,
+                                               "folder": load_folder,
                                                "synthetic": load_synthetic}
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, **options) -> Dataset:
-    """Load a dataset by name (one of `DATASETS`); `data_dir` is where CIFAR-10 lives;
-    `options` go to the loader (the size of `synthetic`)."""
+    """Load a dataset by name (one of `DATASETS`); `data_dir` is where CIFAR-10 or the
+    `folder` images live; `options` go to the loader (`[synthetic]`, `[folder]`)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](data_dir, **options)

@@ -1,14 +1,16 @@
 """The generic Flower ClientApp: one device of any cadfl algorithm.
 
 It knows nothing about the algorithm. A "query" message asks who it is (it answers with its
-`partition-id` from the node config); a "train" message carries a self-describing payload
-(model spec, weights, training config, task, what the device keeps) plus the experiment config
-and the round, from which the node derives its round's data with the engine's own code
-(`Experiment.setup` and `enter_round`: same seed, same partition, same context changes). It runs
-the payload the way cadfl's `Runtime` does: its kept tensors in, `run_task`, what it keeps
-stored in the node's `Context.state` (`NodeStore`), private tensors left out of the reply. An
-"evaluate" message scores the device's own model (with what it keeps) on the test images of
-its classes and answers with the scores only.
+`partition-id` from the node config, and, for a node with its own images, their class names
+and counts); a "train" message carries a self-describing payload (model spec, weights, training
+config, task, what the device keeps) plus the experiment config and the round. A node with a
+`data-dir` trains on its own images (`own_data.NodeData`, labelled the run's way); otherwise it
+derives its round's data with the engine's own code (`Experiment.setup` and `enter_round`: same
+seed, same partition, same context changes). It runs the payload the way cadfl's `Runtime`
+does: its kept tensors in, `run_task`, what it keeps stored in the node's `Context.state`
+(`NodeStore`), private tensors left out of the reply. An "evaluate" message scores the
+device's own model (with what it keeps) on the test images of its classes (its own held-out
+images for a node with its own data, answered as counts) and answers with the scores only.
 """
 
 from __future__ import annotations
@@ -23,18 +25,22 @@ from ..runtime import Runtime
 from ..sim.config import Config, config_from_dict
 from ..sim.engine import Experiment
 from .codec import decode_payload, encode_update
+from .own_data import NodeData, RunData
 from .store import NodeStore
 
 PARTITION_ID = "partition-id"
-DATA_DIR = "data-dir"  # optional node config: where this node keeps its datasets
+DATA_DIR = "data-dir"  # optional node config: the node's own images (one folder per class)
 IDENTITY = "identity"
+EXPERIMENT = "experiment"
+CLASSES, COUNTS = "classes", "counts"  # a node's own classes and its images of each
 SCORES = "scores"
 
 app = ClientApp()
 
-# The experiment per (config, data dir): a Ray actor or a long-lived process serves many
-# rounds; a subprocess-isolated ClientApp rebuilds it (cheap for digits).
-_experiments: dict[tuple[str, str], Experiment] = {}
+# The experiment per config, the own data per (folder, config): a Ray actor or a long-lived
+# process serves many rounds; a subprocess-isolated ClientApp rebuilds them (cheap for digits).
+_experiments: dict[str, Experiment] = {}
+_own: dict[tuple[str, str], NodeData] = {}
 
 
 def _threads() -> None:
@@ -57,37 +63,59 @@ def config_from_json(text: str) -> Config:
 
 
 def node_experiment(experiment: str, context: Context) -> Experiment:
-    """The experiment of config JSON `experiment` as this node sees it (cached): its data
-    from the node's own `data-dir` when it has one."""
-    data_dir = str(context.node_config.get(DATA_DIR, ""))
-    key = (experiment, data_dir)
-    if key not in _experiments:
+    """The experiment of config JSON `experiment` as the engine builds it (cached)."""
+    if experiment not in _experiments:
         cfg = config_from_json(experiment)
-        if data_dir:
-            cfg.data_dir = data_dir
         pid = node_partition(context)
         if not 0 <= pid < cfg.devices:
             raise ValueError(f"partition-id {pid} is outside 0..{cfg.devices - 1}")
         _experiments.clear()
-        _experiments[key] = Experiment.setup(cfg)
-    return _experiments[key]
+        _experiments[experiment] = Experiment.setup(cfg)
+    return _experiments[experiment]
 
 
-def node_runtime(msg: Message, context: Context) -> tuple[Runtime, int, Experiment]:
-    """The device side of this node for the message's round: a `Runtime` on the node's data,
-    with the node's `Context.state` as its store; and the device id and experiment."""
+def own_data(experiment: str, context: Context) -> NodeData | None:
+    """The node's own images (cached), read with the `[folder]` settings of config JSON
+    `experiment`; None for a node without a `data-dir`."""
+    data_dir = str(context.node_config.get(DATA_DIR, ""))
+    if not data_dir:
+        return None
+    cfg = config_from_json(experiment)
+    key = (data_dir, json.dumps(cfg.to_dict()["folder"]))
+    if key not in _own:
+        _own.clear()
+        _own[key] = NodeData(data_dir, cfg)
+    return _own[key]
+
+
+def node_runtime(msg: Message, context: Context
+                 ) -> tuple[Runtime, int, Experiment | None, NodeData | None, RunData | None]:
+    """The device side of this node for the message's round: a `Runtime` on the node's data
+    (its own images, labelled as the message's `RunData` says, or the engine's partition),
+    with the node's `Context.state` as its store; and the device id, the experiment (None
+    with own data), the own data and the run's data description (None without)."""
     cfg = msg.content.config_records["payload"]
+    store = NodeStore(context.state, str(cfg["algorithm"]))
+    own = own_data(str(cfg["experiment"]), context)
+    if own is not None:
+        run = RunData.from_json(str(cfg["data"]))
+        data = own.device_data(run)
+        return Runtime(lambda _: data, store), node_partition(context), None, own, run
     exp = node_experiment(str(cfg["experiment"]), context)
     exp.enter_round(int(cfg["round"]))
-    store = NodeStore(context.state, str(cfg["algorithm"]))
-    return Runtime(exp.data, store), node_partition(context), exp
+    return Runtime(exp.data, store), node_partition(context), exp, None, None
 
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Say which partition this node holds (node ids are random; partitions are not)."""
-    return Message(RecordDict({IDENTITY: ConfigRecord({PARTITION_ID: node_partition(context)})}),
-                   reply_to=msg)
+    """Say which partition this node holds (node ids are random; partitions are not) and,
+    with its own images, their class names and training images per class."""
+    reply = ConfigRecord({PARTITION_ID: node_partition(context)})
+    own = own_data(str(msg.content.config_records[IDENTITY][EXPERIMENT]), context)
+    if own is not None:
+        counts = own.report()
+        reply[CLASSES], reply[COUNTS] = list(counts), list(counts.values())
+    return Message(RecordDict({IDENTITY: reply}), reply_to=msg)
 
 
 @app.train()
@@ -96,19 +124,23 @@ def train(msg: Message, context: Context) -> Message:
     the device keeps private)."""
     _threads()
     payload, _ = decode_payload(msg.content)
-    runtime, device, _ = node_runtime(msg, context)
+    runtime, device, *_ = node_runtime(msg, context)
     return Message(encode_update(runtime.run(device, payload)), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the device's own model on the test images of its classes: context accuracy,
-    Others rejection and in-context accuracy with Others (nan where they do not apply)."""
+    Others rejection and in-context accuracy with Others (nan where they do not apply); with
+    its own images, on their held-out share, as counts (`NodeData.score`)."""
     _threads()
     payload, _ = decode_payload(msg.content)
-    runtime, device, exp = node_runtime(msg, context)
-    scores = exp.score_device(device, payload.spec, runtime.own_state(device, payload))
-    record = MetricRecord(dict(zip(("context_acc", "others_reject", "others_in_acc"),
-                                   map(float, scores), strict=True)))
+    runtime, device, exp, own, run = node_runtime(msg, context)
+    state = runtime.own_state(device, payload)
+    if own is not None:
+        record = MetricRecord(own.score(payload.spec, state, run))
+    else:
+        scores = exp.score_device(device, payload.spec, state)
+        record = MetricRecord(dict(zip(("context_acc", "others_reject", "others_in_acc"),
+                                       map(float, scores), strict=True)))
     return Message(RecordDict({SCORES: record}), reply_to=msg)
-

@@ -4,8 +4,9 @@ A payload travels as a `RecordDict` with
 - "state": an `ArrayRecord` of the state dict (torch tensors, exact dtypes and bytes),
 - "payload": a `ConfigRecord` with the `ModelSpec` JSON, the `TrainConfig` JSON, the task,
   what the device keeps (`keep`, `private`: JSON lists of patterns), the experiment's config
-  JSON (the device derives its own data from it), and the round and algorithm it belongs to
-  (the device's data and kept state depend on them).
+  JSON (the device derives its own data from it), the round and algorithm it belongs to
+  (the device's data and kept state depend on them), and `data`: how the run labels and
+  normalises images (`own_data.RunData` JSON; empty unless the nodes hold their own images).
 
 An update travels back as
 - "state": an `ArrayRecord` of the returned tensors,
@@ -37,10 +38,11 @@ def _from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def encode_payload(payload: Payload, experiment: str = "", rnd: int = 0,
-                   algorithm: str = "") -> RecordDict:
+                   algorithm: str = "", data: str = "") -> RecordDict:
     """A payload as a Flower RecordDict; `experiment` is the config JSON the device needs to
     find its own data (empty when the device already knows it), `rnd` and `algorithm` the
-    round and algorithm the payload is of."""
+    round and algorithm the payload is of, `data` the run's `RunData` JSON for nodes with
+    their own images."""
     config = ConfigRecord({
         "spec": json.dumps(payload.spec.to_dict()),
         "train": json.dumps(payload.config.to_dict()),
@@ -50,6 +52,7 @@ def encode_payload(payload: Payload, experiment: str = "", rnd: int = 0,
         "experiment": experiment,
         "round": rnd,
         "algorithm": algorithm,
+        "data": data,
     })
     return RecordDict({STATE: _to_record(payload.state), PAYLOAD: config})
 

@@ -165,6 +165,7 @@ class Deployment:
     superlink_port: int = 0
     node_ports: list[int] = field(default_factory=list)
     nodes: dict[int, subprocess.Popen] = field(default_factory=dict)  # SuperNodes by partition
+    data_dirs: dict[int, Path] = field(default_factory=dict)  # SuperNode i's own images
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir).resolve()
@@ -263,8 +264,9 @@ class Deployment:
         self.track()
 
     def start_node(self, i: int, register: bool = True) -> subprocess.Popen:
-        """Start SuperNode `i` (partition i) and wait until it listens; with authentication,
-        its key is registered first unless `register` is False (the SuperLink refuses it)."""
+        """Start SuperNode `i` (partition i, its own images from `data_dirs[i]` if given) and
+        wait until it listens; with authentication, its key is registered first unless
+        `register` is False (the SuperLink refuses it)."""
         security = (["--root-certificates", str(self.tls.cafile)] if self.tls
                     else ["--insecure"])
         if self.auth:
@@ -274,11 +276,14 @@ class Deployment:
             security += ["--auth-supernode-private-key", str(key)]
         port = free_port()
         self.node_ports.append(port)
+        node_config = f"partition-id={i} num-partitions={self.num_nodes}"
+        if i in self.data_dirs:
+            node_config += f' data-dir="{Path(self.data_dirs[i]).resolve()}"'
         node = self._start(f"supernode-{i}", [
             _tool("flower-supernode"), *security,
             "--superlink", f"{HOST}:{self.superlink_port}",
             "--host", HOST, "--port", str(port),
-            "--node-config", f"partition-id={i} num-partitions={self.num_nodes}",
+            "--node-config", node_config,
             "--max-retries", "20", "--max-wait-time", str(self.startup_timeout)])
         self.nodes[i] = node
         if register:

@@ -29,15 +29,17 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from ..data.datasets import Dataset
 from ..fl.central import POOLED
 from ..fl.device import run_task
 from ..fl.payload import Payload, Update
 from ..runtime import Job, Result
 from ..sim.checkpoint import load_checkpoint
 from ..sim.config import Config, load_config
-from ..sim.engine import Experiment, run_experiment
-from .client_app import IDENTITY, PARTITION_ID, SCORES
+from ..sim.engine import Experiment, run_dataset, run_experiment
+from .client_app import CLASSES, COUNTS, EXPERIMENT, IDENTITY, PARTITION_ID, SCORES
 from .codec import decode_update, encode_payload
+from .own_data import RunData, count_scores, server_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.5
@@ -45,18 +47,23 @@ log = logging.getLogger("cadfl")
 
 
 class FlowerError(RuntimeError):
-    """No Flower node connected to run the experiment on."""
+    """No Flower node connected to run the experiment on, or nodes' own data it cannot use."""
 
 
 class FlowerExecutor:
     """`execute` for the engine: payloads to the nodes holding those devices, updates back.
 
     Node ids are random: every node that connects is asked once (a query message) which
-    device (partition) it holds. Before each round the executor looks at the nodes connected
-    then: a node that joined late is asked, a node that left loses its device, and a device
-    whose node came back (a new node id) is served by it again. A device with no node, a node
-    that fails, or one that does not answer within `deadline` seconds is logged with its node
-    and the reason and yields no update: the engine counts it as a dropout, as in simulation.
+    device (partition) it holds; a node with its own images also reports their class names
+    and counts. When the nodes hold their own images, every device must report at the start:
+    the reports decide the devices (`dataset`, for the engine: `own_data.server_dataset`),
+    every message tells the nodes the run's classes and normalisation, and devices score
+    themselves on their own held-out images. Before each round the executor looks at the
+    nodes connected then: a node that joined late is asked, a node that left loses its
+    device, and a device whose node came back (a new node id) is served by it again. A device
+    with no node, a node that fails, or one that does not answer within `deadline` seconds is
+    logged with its node and the reason and yields no update: the engine counts it as a
+    dropout, as in simulation.
 
     The nodes' data follow the round's contexts and their kept state is per algorithm, so
     every message says which algorithm and round it is of: the engine runs the algorithms one
@@ -71,6 +78,9 @@ class FlowerExecutor:
         self.experiment = json.dumps(cfg.to_dict())
         self.messages = 0
         self.nodes: dict[int, int] = {}  # device -> node id
+        self.reports: dict[int, dict[str, int]] = {}  # device -> its own images per class
+        self.dataset: Dataset | None = None  # the devices' own data as the server knows it
+        self.run_data = ""  # RunData JSON sent to nodes with their own images
         self._asked: set[int] = set()  # node ids that said which device they hold
         start = start or {}
         self._todo = [(a, r) for a in cfg.algorithms
@@ -78,6 +88,8 @@ class FlowerExecutor:
         self._step = 0
         self._server: Experiment | None = None
         self.wait_for_nodes(wait)
+        if self.reports:
+            self.use_own_data()
 
     @property
     def current(self) -> tuple[str, int]:
@@ -109,6 +121,31 @@ class FlowerExecutor:
             log.warning("devices without a node so far (dropouts until they connect): %s",
                         missing)
 
+    def use_own_data(self) -> None:
+        """The nodes hold their own images: the devices are what they reported (names the
+        run's class list lacks become New Classes); FlowerError if a device did not report
+        or the config asks for something only a simulated partition has."""
+        cfg = self.cfg
+        missing = sorted(set(range(cfg.devices)) - set(self.reports))
+        if missing:
+            raise FlowerError(f"devices {missing} did not report their own images at the start: "
+                              "with nodes' own data, start every device's SuperNode with "
+                              "--node-config 'partition-id=N data-dir=\"DIR\"' before the run")
+        simulated = [name for name, used in (
+            ("central", "central" in cfg.algorithms), ("context", bool(cfg.context)),
+            ("validation_fraction", cfg.validation_fraction > 0),
+            ("partition.other_fraction", cfg.partition.other_fraction > 0)) if used]
+        if simulated:
+            raise FlowerError(f"{', '.join(simulated)}: needs a simulated partition, not the "
+                              "nodes' own images")
+        run = run_dataset(cfg)
+        self.dataset = server_dataset(run, self.reports)
+        self._server = Experiment.setup(cfg, self.dataset)
+        self.run_data = RunData.of(self._server.dataset, self._server.label_space).to_json()
+        for c in range(run.num_classes, self.dataset.num_classes):
+            log.info("New Class %r (class id %d): first reported by a node",
+                     self.dataset.classes[c], c)
+
     def refresh(self) -> None:
         """Follow the connected nodes: forget those that left, ask new ones their device."""
         connected = set(self.grid.get_node_ids())
@@ -120,15 +157,19 @@ class FlowerExecutor:
         new = sorted(connected - self._asked)
         if not new:
             return
-        query = {n: Message(RecordDict({IDENTITY: ConfigRecord({})}), dst_node_id=n,
-                            message_type=MessageType.QUERY) for n in new}
+        ask = RecordDict({IDENTITY: ConfigRecord({EXPERIMENT: self.experiment})})
+        query = {n: Message(ask, dst_node_id=n, message_type=MessageType.QUERY) for n in new}
         for n, reply in self._exchange(query, "query").items():
             self._asked.add(n)
-            d = int(reply.content.config_records[IDENTITY][PARTITION_ID])
+            identity = reply.content.config_records[IDENTITY]
+            d = int(identity[PARTITION_ID])
             if not 0 <= d < self.cfg.devices:
                 log.warning("node %d holds partition %d, outside 0..%d: not used", n, d,
                             self.cfg.devices - 1)
                 continue
+            if CLASSES in identity:
+                self.reports[d] = dict(zip(map(str, identity[CLASSES]),
+                                           map(int, identity[COUNTS]), strict=True))
             if self.nodes.get(d, n) != n:
                 log.warning("device %d: now on node %d (was node %d)", d, n, self.nodes[d])
             self.nodes[d] = n
@@ -163,8 +204,8 @@ class FlowerExecutor:
                 log.warning("%s round %d: device %d has no node connected", algorithm, rnd, d)
                 continue
             messages[self.nodes[d]] = Message(
-                encode_payload(p, self.experiment, rnd, algorithm), dst_node_id=self.nodes[d],
-                message_type=kind)
+                encode_payload(p, self.experiment, rnd, algorithm, self.run_data),
+                dst_node_id=self.nodes[d], message_type=kind)
         device_of = {n: d for d, n in self.nodes.items()}
         replies = self._exchange(messages, f"{algorithm} round {rnd} {kind}")
         return {device_of[n]: r for n, r in replies.items()}
@@ -201,8 +242,11 @@ class FlowerExecutor:
         for d, _ in payloads:
             if d in replies:
                 m = replies[d].content.metric_records[SCORES]
-                yield d, (float(m["context_acc"]), float(m["others_reject"]),
-                          float(m["others_in_acc"]))
+                if self.dataset is not None:  # counts on the node's own held-out images
+                    yield d, count_scores({k: int(v) for k, v in m.items()})
+                else:
+                    yield d, (float(m["context_acc"]), float(m["others_reject"]),
+                              float(m["others_in_acc"]))
 
 
 def rounds_done(cfg: Config, out: Path) -> dict[str, int]:
@@ -226,8 +270,8 @@ def run_on_grid(grid: Grid, cfg: Config, out: Path, wait: float = 60.0,
         if on_round:
             on_round(line)
 
-    return run_experiment(cfg, out, resume=resume, quiet=quiet, execute=execute,
-                          on_round=round_done)
+    return run_experiment(cfg, out, resume=resume, quiet=quiet, dataset=execute.dataset,
+                          execute=execute, on_round=round_done)
 
 
 def config_from_run_config(run_config: dict) -> tuple[Config, Path, float]:

@@ -110,6 +110,18 @@ class SyntheticConfig:
 
 
 @dataclass
+class FolderConfig:
+    """The `folder` dataset (dataset = "folder", data_dir = DIR): images resized to size x size,
+    RGB (channels 3) or grayscale (1), a held-out share of every class as the test split.
+    Also how a Flower node reads its own images (node config data-dir)."""
+
+    size: int = 32
+    channels: int = 3
+    test_fraction: float = 0.2
+    seed: int = 0  # draws the held-out images
+
+
+@dataclass
 class ContextChange:
     """From `round` on, `devices` (empty: every device) gain the classes `add` and lose the
     classes `remove`. A class whose first change on a device adds it counts as not yet seen
@@ -173,6 +185,7 @@ class Config:
     store_memory_mb: int = 512
     eval_devices: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    folder: FolderConfig = field(default_factory=FolderConfig)
     options: dict[str, Any] = field(default_factory=lambda: default_options())
     overrides: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {a: {"train": {"lr": lr}} for a, lr in DIGITS_LR.items()})
@@ -303,6 +316,12 @@ def validate(cfg: Config) -> Config:
     _range("eval_devices", cfg.eval_devices, 0)
     for name in ("images", "test_images", "classes", "channels", "size"):
         _range(f"synthetic.{name}", getattr(cfg.synthetic, name), 1)
+    if cfg.folder.channels not in (1, 3):
+        raise ConfigError(f"folder.channels: {cfg.folder.channels} is out of range, allowed "
+                          "1 (grayscale) or 3 (RGB)")
+    _range("folder.size", cfg.folder.size, 1)
+    _range("folder.test_fraction", cfg.folder.test_fraction, 0, 0.9)
+    _range("folder.seed", cfg.folder.seed, 0)
     _range("target_acc", cfg.target_acc, 0, 1)
     _range("data_fraction", cfg.data_fraction, 0, 1, low_open=True)
     _range("test_fraction", cfg.test_fraction, 0, 1, low_open=True)

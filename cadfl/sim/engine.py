@@ -90,6 +90,26 @@ def out_of_context(labels: torch.Tensor, kept: torch.Tensor, held: list[set[int]
     return out
 
 
+def run_dataset(cfg: Config) -> Dataset:
+    """The dataset `cfg` names, its loader's options from `[synthetic]` or `[folder]`."""
+    options = {"synthetic": cfg.synthetic, "folder": cfg.folder}.get(cfg.dataset)
+    return load_dataset(cfg.dataset, cfg.data_dir or None, **(asdict(options) if options else {}))
+
+
+def owned_partition(owners: torch.Tensor, labels: torch.Tensor, num_devices: int,
+                    num_classes: int, seed: int) -> Partition:
+    """The partition of a dataset that comes split by device: device d holds the images
+    whose owner is d (ConfigError unless every one of `num_devices` devices has some)."""
+    indices = [torch.nonzero(owners == d).flatten() for d in range(num_devices)]
+    empty = [d for d, ix in enumerate(indices) if not len(ix)]
+    if empty or len(owners) and int(owners.max()) >= num_devices:
+        raise ConfigError(f"devices: the dataset's images belong to devices 0.."
+                          f"{int(owners.max())}, the config has {num_devices}; "
+                          f"devices without images: {empty}")
+    counts = [torch.bincount(labels[ix], minlength=num_classes).tolist() for ix in indices]
+    return Partition("own", seed, num_classes, {}, [ix.tolist() for ix in indices], counts)
+
+
 def sample_devices(seed: int, rnd: int, num_devices: int, count: int) -> list[int]:
     """This round's participants: the same for every algorithm, independent of history."""
     rng = np.random.default_rng([seed, rnd])
@@ -130,20 +150,24 @@ class Experiment:
             compute = resolve_device(cfg.device)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        options = asdict(cfg.synthetic) if cfg.dataset == "synthetic" else {}
-        ds = dataset or load_dataset(cfg.dataset, cfg.data_dir or None, **options)
+        ds = dataset or run_dataset(cfg)
         if cfg.test_fraction < 1:
             test = subsample(ds.test_y, cfg.test_fraction, cfg.seed)
             ds = replace(ds, test_x=ds.test_x[test], test_y=ds.test_y[test])
-        kept = subsample(ds.train_y, cfg.data_fraction, cfg.seed)
-        part = make_partition(ds.train_y[kept], cfg.partition.scheme, cfg.devices, cfg.seed,
-                              k=cfg.partition.k, alpha=cfg.partition.alpha)
         extra = gains(cfg.context, cfg.devices, ds.num_classes)
-        if extra:
-            part = share_classes(part, ds.train_y[kept], extra, cfg.seed)
-        # Partition indices refer to the subsample; store them as indices into the dataset.
-        part.indices = [kept[torch.tensor(ix, dtype=torch.long)].tolist()
-                        for ix in part.indices]
+        if ds.owners is not None:  # the devices' own images (Flower nodes): kept as they are
+            kept = torch.arange(len(ds.train_y))
+            part = owned_partition(ds.owners, ds.train_y, cfg.devices, ds.num_classes,
+                                   cfg.seed)
+        else:
+            kept = subsample(ds.train_y, cfg.data_fraction, cfg.seed)
+            part = make_partition(ds.train_y[kept], cfg.partition.scheme, cfg.devices,
+                                  cfg.seed, k=cfg.partition.k, alpha=cfg.partition.alpha)
+            if extra:
+                part = share_classes(part, ds.train_y[kept], extra, cfg.seed)
+            # Partition indices refer to the subsample; store them as indices into the dataset.
+            part.indices = [kept[torch.tensor(ix, dtype=torch.long)].tolist()
+                            for ix in part.indices]
         if cfg.validation_fraction:
             part, val = hold_out(part, ds.train_y, cfg.validation_fraction, cfg.seed)
             val = torch.from_numpy(val)
@@ -342,7 +366,9 @@ class Experiment:
             logits = predict(spec, weights, test_x, ds.mean, ds.std)
             out.update(global_scores(logits, ds.test_y, spec, self.other, ds.num_classes))
         scores = []
-        if logits is not None and strategy.device_model_is_global():
+        # Devices with images of their own (Flower nodes' own data) score on their own
+        # held-out images, never on the server's test set.
+        if logits is not None and strategy.device_model_is_global() and ds.owners is None:
             # One pass of the global model scores every device: restrict the argmax per
             # device, once per distinct class set.
             by_classes: dict[tuple[int, ...], tuple[float, float, float]] = {}
