@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import random
 import socket
 import ssl
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -117,7 +119,8 @@ class LoopbackGrid:
     """Stands in for Flower's Grid: delivers each message to the real ClientApp object of
     its node (random node ids, replies in shuffled order), like the simulation engine does."""
 
-    def __init__(self, num_nodes: int, app=client_app.app, seed: int = 0) -> None:
+    def __init__(self, num_nodes: int, app=client_app.app, seed: int = 0,
+                 data_dirs: dict[int, Path] | None = None) -> None:
         from flwr.common.constant import SUPERLINK_NODE_ID
         from flwr.supercore.task_identity import TaskIdentity
 
@@ -128,9 +131,12 @@ class LoopbackGrid:
         self.rng = rng
         self.contexts = {
             rng.randrange(1, 2**63): Context(
-                run_id=1, node_id=0, node_config={"partition-id": i, "num-partitions": num_nodes},
+                run_id=1, node_id=0, node_config={
+                    "partition-id": i, "num-partitions": num_nodes,
+                    **({"data-dir": str(data_dirs[i])} if i in (data_dirs or {}) else {})},
                 state=RecordDict(), run_config={})
             for i in range(num_nodes)}
+        self.trained: dict[int, list[tuple[int, ...]]] = {}  # partition: its models' classes
         self.app = app
         self.sent = 0
         self.silent: set[int] = set()  # nodes that never answer (a timeout)
@@ -155,6 +161,10 @@ class LoopbackGrid:
         replies = []
         for msg in messages:
             self.sent += 1
+            if msg.metadata.message_type == "train":
+                payload, _ = decode_payload(msg.content)
+                pid = self.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
+                self.trained.setdefault(pid, []).append(payload.spec.class_ids)
             if msg.metadata.dst_node_id in self.silent:
                 continue
             try:
@@ -170,8 +180,8 @@ def run_on_loopback(cfg, out, digits, grid=None, **kwargs):
     """The experiment through FlowerExecutor and the real ClientApp behind a LoopbackGrid."""
     grid = grid or LoopbackGrid(cfg.devices)
     execute = FlowerExecutor(grid, cfg, deadline=30, wait=0.1, **kwargs)
-    lines = run_experiment(cfg, out, quiet=True, dataset=digits, execute=execute,
-                           on_round=execute.round_done)
+    lines = run_experiment(cfg, out, quiet=True, execute=execute, on_round=execute.round_done,
+                           dataset=digits if execute.dataset is None else execute.dataset)
     return lines, grid
 
 
@@ -227,6 +237,80 @@ def test_context_dynamics_on_flower_follow_the_engine(tmp_path, digits):
     own = run_experiment(cfg, tmp_path / "own", quiet=True, dataset=digits)
     via, _ = run_on_loopback(cfg, tmp_path / "flower", digits)
     assert without_wall(via) == without_wall(own)
+
+
+# A node's own data
+
+# Three nodes' own images: two with overlapping classes, one with a name digits lacks
+# ("seven": images of the digit 7), each node its own images of the digit.
+NODE_CLASSES = [{"0": 0, "1": 1, "2": 2}, {"1": 1, "2": 2, "3": 3}, {"3": 3, "seven": 7}]
+OWN_DATA = ["devices=3", "rounds=2", 'algorithms=["cad", "fedavg"]', "folder.size=8",
+            "folder.channels=1", "folder.test_fraction=0.25"]
+
+
+def node_folders(root: Path) -> dict[int, Path]:
+    from tests.test_folder import write_digit_folder
+    return {d: write_digit_folder(root / f"node-{d}", classes, 16, offset=20 * d)
+            for d, classes in enumerate(NODE_CLASSES)}
+
+
+def own_run_with_node_data(cfg, digits, folders: dict[int, Path], out) -> list[dict]:
+    """The own engine's run of `cfg` on digits' test set, device d training on the images
+    in `folders[d]` (held in one dataset, owners = devices) and scoring its model on their
+    held-out share, in this process."""
+    from cadfl.flower.own_data import NodeData, RunData, count_scores, server_dataset
+
+    nodes = {d: NodeData(f, cfg) for d, f in folders.items()}
+    known = server_dataset(digits, {d: n.report() for d, n in nodes.items()})
+    run = RunData.of(known, Experiment.setup(cfg, known).label_space)
+    data = [nodes[d].device_data(run) for d in sorted(nodes)]
+    ds = replace(known, train_x=torch.cat([x.images for x in data]),
+                 train_y=torch.cat([x.labels for x in data]),
+                 owners=torch.cat([torch.full((len(x),), d) for d, x in enumerate(data)]))
+    runtime = Experiment.setup(cfg, ds).runtime()
+
+    class Devices:
+        def __call__(self, jobs):
+            return runtime(jobs)
+
+        def score(self, jobs):
+            for d, p in jobs:
+                yield d, count_scores(nodes[d].score(p.spec, runtime.own_state(d, p), run))
+
+    return run_experiment(cfg, out, quiet=True, dataset=ds, execute=Devices())
+
+
+def test_nodes_own_data_decide_their_contexts(tmp_path, digits):
+    """Nodes with their own images (data-dir): the server maps their class names to the
+    run's ids ("seven" is new: class 10), CAD sends each node the sub-model of the classes
+    it reported, the new class gets a path, and the metric lines equal the own engine's on
+    the same per-device data, context accuracy on the nodes' held-out images."""
+    cfg = load_config(None, OWN_DATA)
+    folders = node_folders(tmp_path / "nodes")
+    via, grid = run_on_loopback(cfg, tmp_path / "flower", digits,
+                                LoopbackGrid(3, data_dirs=folders))
+    own = own_run_with_node_data(cfg, digits, folders, tmp_path / "own")
+    assert without_wall(via) == without_wall(own)
+    assert all(m["eval_devices"] == 3 and m["rejected"] == 0 for m in via)
+    assert grid.trained[0][:2] == [(0, 1, 2)] * 2  # CAD's sub-models (then FedAvg's model)
+    assert grid.trained[1][:2] == [(1, 2, 3)] * 2
+    assert grid.trained[2][:2] == [(3, 10)] * 2
+    assert grid.trained[2][2] == tuple(range(11))  # FedAvg: every class, "seven" too
+    from cadfl.sim.checkpoint import load_checkpoint
+    part = json.loads((tmp_path / "flower" / "partition.json").read_text())
+    assert part["scheme"] == "own" and part["num_classes"] == 11
+    assert [[c for c, n in enumerate(d["class_counts"]) if n] for d in part["devices"]] == \
+        [[0, 1, 2], [1, 2, 3], [3, 10]]
+    _, record = load_checkpoint(tmp_path / "flower" / "checkpoints", "cad")
+    assert record["structure"]["decoupling"]["num_classes"] == 11  # a path for "seven"
+    assert via[-1]["class_acc"][10] is None  # digits' test set has no "seven"
+    # Without a report from every device, or with what only a simulated partition has, the
+    # run is refused before it starts.
+    with pytest.raises(FlowerError, match=r"devices \[2\] did not report"):
+        FlowerExecutor(LoopbackGrid(2, data_dirs=folders), cfg, wait=0.1)
+    with pytest.raises(FlowerError, match="central"):
+        FlowerExecutor(LoopbackGrid(3, data_dirs=folders),
+                       load_config(None, [*OWN_DATA, 'algorithms=["central"]']), wait=0.1)
 
 
 def test_failures_are_dropouts_and_nodes_may_come_back(tmp_path, digits, caplog):
@@ -408,6 +492,40 @@ def test_deployment_loopback_cad_two_supernodes(tmp_path, digits):
     home = f"FLWR_HOME={out.resolve() / 'flwr-home'}"
     assert processes_with(home) == []
     assert set(flower_children()) <= before
+
+
+@pytest.mark.slow  # ~2-3 min on 2 cores: 5 message rounds, a fresh ClientApp per message
+def test_deployment_nodes_train_on_their_own_images(tmp_path, digits):
+    """Three SuperNodes, each started with `data-dir` = a folder of its own PNG images (two
+    with overlapping classes, one with "seven", a name the run has never seen): the run
+    maps the reported names to class ids, CAD builds every node's sub-model from them, the
+    new class gets a path, and every metric line equals the own engine's on the same
+    per-device data; no process is left behind."""
+    from cadfl.flower.deploy import Deployment
+    from cadfl.sim.checkpoint import load_checkpoint
+    overrides = [*OWN_DATA, 'algorithms=["cad"]']
+    cfg = load_config(None, overrides)
+    folders = node_folders(tmp_path / "nodes")
+    out = (tmp_path / "deploy").resolve()
+    dep = Deployment(out, cfg.devices, data_dirs=folders)
+    try:
+        dep.start()
+        done = dep.flwr_run({"config": "", "set": ";".join(overrides), "out": str(out),
+                             "timeout": 60}, timeout=480)
+    finally:
+        left = dep.stop()
+    assert done.returncode == 0 and left == []
+    assert processes_with(f"FLWR_HOME={out / 'flwr-home'}") == []
+    lines = read_metrics(out / "metrics.jsonl")
+    own = own_run_with_node_data(cfg, digits, folders, tmp_path / "own")
+    print("deployment:", [(m["global_acc"], m["context_acc"]) for m in lines])
+    assert without_wall(lines) == without_wall(own)
+    assert [m["eval_devices"] for m in lines] == [3, 3]
+    part = json.loads((out / "partition.json").read_text())
+    assert [[c for c, n in enumerate(d["class_counts"]) if n] for d in part["devices"]] == \
+        [[0, 1, 2], [1, 2, 3], [3, 10]]
+    _, record = load_checkpoint(out / "checkpoints", "cad")
+    assert record["structure"]["decoupling"]["num_classes"] == 11
 
 
 def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
