@@ -101,11 +101,11 @@ def owned_partition(owners: torch.Tensor, labels: torch.Tensor, num_devices: int
     """The partition of a dataset that comes split by device: device d holds the images
     whose owner is d (ConfigError unless every one of `num_devices` devices has some)."""
     indices = [torch.nonzero(owners == d).flatten() for d in range(num_devices)]
-    empty = [d for d, ix in enumerate(indices) if not len(ix)]
-    if empty or len(owners) and int(owners.max()) >= num_devices:
-        raise ConfigError(f"devices: the dataset's images belong to devices 0.."
-                          f"{int(owners.max())}, the config has {num_devices}; "
-                          f"devices without images: {empty}")
+    owned = sorted(set(owners.tolist()))
+    if owned != list(range(num_devices)):
+        raise ConfigError(f"devices: the config has {num_devices}, the dataset's images "
+                          f"belong to devices {owned}; devices without images: "
+                          f"{sorted(set(range(num_devices)) - set(owned))}")
     counts = [torch.bincount(labels[ix], minlength=num_classes).tolist() for ix in indices]
     return Partition("own", seed, num_classes, {}, [ix.tolist() for ix in indices], counts)
 
