@@ -277,9 +277,10 @@ def report(out: Path, names: list[str], readme: bool) -> None:
     parts = ["# CAD against every peer, tuned on validation data\n",
              "Written by `benchmarks/compare.py`. Each algorithm's learning rate is the best "
              "of its sweep on validation data (seed 0, a share of every device's images held "
-             "out of training; see each setting's `sweep.md` and `tuned.toml`); the runs then "
-             "train with that validation share still held out and are scored on the test "
-             "images. "
+             "out of training; see each setting's `sweep.md` and `tuned.toml`; the digits "
+             "setting was tuned by `cadfl sweep` into its preset). The runs then train with "
+             "the tuned config (a sweep's keeps the validation share out of training; the "
+             "digits preset trains on all images) and are scored on the test images. "
              "Mean ± std over the seeds listed; 'round reaching target' per seed.\n"]
     for name in names:
         tab, rows = table(out, name)
