@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 SCHEMES = ("iid", "classes", "dirichlet")
+# A saved partition may also be "own": each device's own images (Flower nodes with their data).
+SAVED_SCHEMES = (*SCHEMES, "own")
 SUMMARY_ROWS = 30
 
 
@@ -101,8 +103,8 @@ class Partition:
             raise ValueError("top level must be a JSON object")
         scheme, seed, num_classes, params = (doc["scheme"], doc["seed"], doc["num_classes"],
                                              doc["params"])
-        if scheme not in SCHEMES:
-            raise ValueError(f"scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
+        if scheme not in SAVED_SCHEMES:
+            raise ValueError(f"scheme {scheme!r} is not one of {', '.join(SAVED_SCHEMES)}")
         if type(seed) is not int or type(num_classes) is not int or num_classes < 1:
             raise ValueError("seed must be an integer and num_classes a positive integer")
         if not isinstance(params, dict) or not isinstance(doc["devices"], list):
