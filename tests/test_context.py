@@ -228,7 +228,8 @@ def test_every_algorithm_runs_with_context_changes_and_others(tmp_path, digits):
     cfg = load_config(None, [
         "devices=4", "rounds=3", "data_fraction=0.5", "cad.others=true", "fed2.others=true",
         "partition.other_fraction=0.2",
-        'algorithms=["cad", "fed2", "fedavg", "fedprox", "local", "central"]',
+        'algorithms=["cad", "fed2", "fedavg", "fedprox", "local", "central", "scaffold",'
+        ' "fedper", "fedrep", "ditto"]',
         'context=[{round=1, remove=[9]}, {round=3, devices=[0], add=[9]}]'])
     lines = run_experiment(cfg, tmp_path, quiet=True, dataset=digits)
     assert all(m["rejected"] == 0 for m in lines)
@@ -238,5 +239,5 @@ def test_every_algorithm_runs_with_context_changes_and_others(tmp_path, digits):
         assert m["context_acc"] > 0.3, algo
         has_others = algo in ("cad", "fed2")
         assert (m["others_reject"] is not None) == has_others, algo
-        if algo != "local":  # local has no global model
+        if algo not in ("local", "fedper", "fedrep"):  # they have no global model
             assert len(m["class_acc"]) == 10 and m["global_acc"] > 0.2, algo

@@ -42,22 +42,17 @@ def _fresh(shape: torch.Size, param: str, kind: str, logits: bool,
 
 def grow_dense(spec: ModelSpec, state: State, new: tuple[int, ...], seed: int
                ) -> tuple[ModelSpec, State]:
-    """A dense model with one more logit per class of `new`.
-
-    Every copy of the classifier in `state` grows (keys may carry a prefix such as
-    `device/3/`); a copy that already has the new rows (a resumed run) is left as it is.
-    """
+    """A dense model with one more logit per class of `new`: the classifier's new rows are
+    drawn from `seed`, every other tensor is kept."""
     grown = with_classes(spec, new)
-    last, old_n = grown.names[-1], spec.num_classes
+    last = grown.names[-1]
     gen = torch.Generator().manual_seed(seed)
-    out = {}
+    out = dict(state)
     for key, t in state.items():
-        name = key.rsplit("/", 1)[-1]
-        if name.split(".", 1)[0] != last or t.shape[0] != old_n:
-            out[key] = t
+        name, param = key.split(".", 1)
+        if name != last:
             continue
-        rows = _fresh(torch.Size((len(new), *t.shape[1:])), name.split(".", 1)[1], "linear",
-                      True, gen)
+        rows = _fresh(torch.Size((len(new), *t.shape[1:])), param, "linear", True, gen)
         out[key] = torch.cat([t, rows.to(t.dtype)])
     return grown, out
 

@@ -158,7 +158,8 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
                      control=control)
         state = _cpu_state(model)
         if cfg.personal_lambda > 0:  # Ditto: then the personal model, anchored at w_received
-            own = model_part(payload.state, PERSONAL) or received
+            kept = model_part(payload.state, PERSONAL)
+            own = {k: _grown(kept[k], v, v) if k in kept else v for k, v in received.items()}
             personal = load_model(spec, own, dev).train()
             loop.run(personal, loop.named(personal), cfg.epochs, prox=cfg.personal_lambda,
                      anchor=received)
@@ -184,9 +185,23 @@ def _cpu_state(model: nn.Module) -> State:
 
 
 def _control_terms(state: State, dev: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Per parameter: the server's control variate and the device's own (zero at first)."""
+    """Per parameter: the server's control variate and the device's own (zero at first, and
+    for the rows of a class the model gained since)."""
     server, own = model_part(state, CONTROL), model_part(state, OWN_CONTROL)
-    return {n: (c.to(dev), own.get(n, torch.zeros_like(c)).to(dev)) for n, c in server.items()}
+    zeros = {n: torch.zeros_like(c) for n, c in server.items()}
+    return {n: (c.to(dev), _grown(own.get(n, zeros[n]), c, zeros[n]).to(dev))
+            for n, c in server.items()}
+
+
+def _grown(mine: torch.Tensor, like: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """A tensor the device kept, with the rows the model gained since (New Class: appended
+    logits) taken from `fill`."""
+    if mine.shape == like.shape:
+        return mine
+    if mine.shape[1:] != like.shape[1:] or len(mine) > len(like):
+        raise ValueError(f"a kept tensor of shape {tuple(mine.shape)} does not fit the model's "
+                         f"{tuple(like.shape)}")
+    return torch.cat([mine.to(fill.dtype), fill[len(mine):]])
 
 
 class _LocalSGD:

@@ -149,10 +149,11 @@ class HeteroFL(Strategy):
 
     def structure(self) -> dict[str, Any]:
         """The rates (an auto rate depends on the devices' classes when the run started)."""
-        return {"rates": list(self.rates)}
+        return {**super().structure(), "rates": list(self.rates)}
 
     def restore(self, structure: dict[str, Any]) -> None:
         """Take up the saved rates (a resumed run)."""
+        super().restore(structure)
         self.rates = tuple(structure["rates"])
 
     def rate_of(self, device: int) -> float:

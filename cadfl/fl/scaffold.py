@@ -13,7 +13,7 @@ number of devices (|S|/N times their mean).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -62,6 +62,14 @@ class Scaffold(FedAvg):
         """The model, and a zero control variate per trainable parameter."""
         return {**weights, **{CONTROL + name: torch.zeros_like(weights[name])
                               for name in parameter_names(self.spec)}}
+
+    def add_classes(self, state: State, classes: Sequence[int], seed: int) -> State:
+        """New Class: the model grows a logit per new class, its control variate zero rows."""
+        grown = super().add_classes(model_part(state), classes, seed)
+        control = {k: torch.cat([c, c.new_zeros((grown[k].shape[0] - c.shape[0],
+                                                 *c.shape[1:]))])
+                   for k, c in model_part(state, CONTROL).items()}
+        return {**grown, **{CONTROL + k: c for k, c in control.items()}}
 
     def global_model(self, state: State) -> tuple[ModelSpec, State]:
         """The model without the control variates."""

@@ -105,12 +105,14 @@ class Strategy(ABC):
 
     def structure(self) -> dict[str, Any]:
         """What the strategy knows beyond its tensors (JSON-able), saved with every
-        checkpoint and given back to `restore` on resume. Default: nothing."""
-        return {}
+        checkpoint and given back to `restore` on resume. Default: the model's spec (its
+        classes grow with New Class)."""
+        return {"spec": self.spec.to_dict()}
 
     def restore(self, structure: dict[str, Any]) -> None:
-        """Take up a saved `structure` (a resumed run). Default: nothing to take up."""
-        return None
+        """Take up a saved `structure` (a resumed run)."""
+        if "spec" in structure:
+            self.spec = ModelSpec.from_dict(structure["spec"])
 
     def add_classes(self, state: State, classes: Sequence[int], seed: int) -> State:
         """Register classes the model does not have yet (New Class): each gets a logit, drawn
