@@ -222,7 +222,7 @@ def plots(out: Path, name: str) -> None:
         for ax, key in zip(axes[:2], ("global_acc", "context_acc"), strict=True):
             series = _mean_series(per_seed, key)
             if series:
-                ax.plot(*zip(*series, strict=True), label=algo)
+                ax.plot(*zip(*series, strict=True), label=algo, color=_color(algo))
         key = "global_acc" if ALGORITHMS[algo].judged_by != "context_acc" else "context_acc"
         for ax, cost in zip(axes[2:], ("bytes", "flops"), strict=True):
             lines = next(iter(per_seed.values()))
@@ -233,7 +233,7 @@ def plots(out: Path, name: str) -> None:
                 if m[key] is not None:
                     pts.append((total, m[key]))
             if pts and total > 0:
-                ax.plot(*zip(*pts, strict=True), label=algo)
+                ax.plot(*zip(*pts, strict=True), label=algo, color=_color(algo))
     titles = [("global accuracy", "round"), ("context accuracy", "round"),
               ("accuracy (judged metric) vs communication", "cumulative MB per device"),
               ("accuracy (judged metric) vs device compute", "cumulative GFLOPs per device")]
@@ -251,7 +251,7 @@ def plots(out: Path, name: str) -> None:
     for ax, key, label in ((axes[0], "gflops", "device training GFLOPs per round"),
                            (axes[1], "mb", "MB per device per round")):
         for r in rows:
-            ax.scatter(r[key], r["last_context_value"])
+            ax.scatter(r[key], r["last_context_value"], color=_color(r["algorithm"]))
             ax.annotate(r["algorithm"], (r[key], r["last_context_value"]), fontsize=8)
         ax.set(xlabel=label, ylabel="last context accuracy (mean over seeds)",
                title="cheaper and better: up and to the left")
@@ -260,6 +260,11 @@ def plots(out: Path, name: str) -> None:
     fig.tight_layout()
     fig.savefig(out / name / "pareto.png", dpi=100)
     plt.close(fig)
+
+
+def _color(algo: str):
+    """One colour per algorithm, the same in every plot (12 algorithms: tab20)."""
+    return plt.cm.tab20(sorted(ALGORITHMS).index(algo) % 20)
 
 
 def _mean_series(per_seed: dict[int, list[dict]], key: str) -> list[tuple[int, float]]:
