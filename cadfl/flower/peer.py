@@ -72,7 +72,8 @@ def make_peer_server(cfg: Config, result: dict) -> ServerApp:
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0,
                           min_train_nodes=cfg.devices, min_available_nodes=cfg.devices)
         train_config = ConfigRecord({
-            "spec": json.dumps(spec.to_dict()), "train": json.dumps(exp.train_config().to_dict()),
+            "spec": json.dumps(spec.to_dict()),
+            "train": json.dumps(exp.train_config(cfg.for_algorithm("fedavg")).to_dict()),
             "experiment": json.dumps(cfg.to_dict()), "dtypes": json.dumps(dtypes)})
         res = strategy.start(grid=grid, initial_arrays=ArrayRecord(exp.init),
                              num_rounds=cfg.rounds, train_config=train_config,
