@@ -30,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cadfl.fl import ALGORITHMS  # noqa: E402
-from cadfl.sim.config import Config, load_config  # noqa: E402
+from cadfl.sim.config import Config, config_from_dict, load_config  # noqa: E402
 from cadfl.sim.engine import read_metrics, run_experiment  # noqa: E402
 from cadfl.sim.sweep import run_sweep  # noqa: E402
 
@@ -126,8 +126,6 @@ def run_setting(name: str, seeds: list[int], out: Path) -> None:
 
 
 def _single(tuned: Config, algo: str, seed: int) -> Config:
-    from cadfl.sim.config import config_from_dict
-
     data = tuned.for_algorithm(algo).to_dict()
     data.update(algorithms=[algo], seed=seed, overrides={})
     return config_from_dict(data)

@@ -101,9 +101,11 @@ def test_eval_devices_scores_a_seeded_sample_of_device_models(tmp_path, digits):
     cfg = small('algorithms=["local"]', "devices=6", "eval_devices=2", "rounds=2")
     lines = run_experiment(cfg, tmp_path, quiet=True, dataset=digits)
     assert [m["eval_devices"] for m in lines] == [2, 2]
-    exp = Experiment.setup(cfg, digits)
-    assert exp.evaluation_devices(2) == exp.evaluation_devices(2)
+    exp, again = Experiment.setup(cfg, digits), Experiment.setup(cfg, digits)
+    assert exp.evaluation_devices(2) == again.evaluation_devices(2)  # seeded, not random
     assert len(set(exp.evaluation_devices(2))) == 2
+    assert {tuple(exp.evaluation_devices(r)) for r in range(1, 9)} != \
+        {tuple(exp.evaluation_devices(2))}  # a new sample every round
 
 
 def test_resume_reads_cads_structure_from_the_checkpoint(tmp_path, digits, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cadfl.cad.decouple import decouple
@@ -82,9 +83,11 @@ def test_spilled_devices_come_back_and_resume_rolls_back_later_rounds(tmp_path):
     assert back.get(5) == {}
 
 
-def test_an_in_memory_store_keeps_everything_without_files(tmp_path):
-    store = DeviceStore()
+def test_an_in_memory_store_keeps_everything_and_cannot_be_flushed():
+    store = DeviceStore(budget_bytes=1)  # no directory: nothing spills, whatever the budget
     store.put(3, {"a": torch.ones(2)})
     store.put(3, {"b": torch.zeros(1)})
-    assert set(store.get(3)) == {"a", "b"}
-    assert not list(tmp_path.iterdir())
+    store.put(4, {"a": torch.ones(2)})
+    assert set(store.get(3)) == {"a", "b"} and set(store.get(4)) == {"a"}
+    with pytest.raises(RuntimeError, match="cannot be flushed"):
+        store.flush(1)

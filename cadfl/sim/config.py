@@ -49,10 +49,11 @@ def default_options() -> dict[str, Any]:
     return {name: cls.Options() for name, cls in ALGORITHMS.items() if cls.Options is not None}
 
 
-def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the (nested) `changes` applied, tables merged key by key."""
     out = dict(base)
     for key, value in changes.items():
-        out[key] = _merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
     return out
 
 
@@ -209,7 +210,7 @@ class Config:
             return self
         data = self.to_dict()
         data.pop("overrides")
-        return config_from_dict(_merged(data, changes))
+        return config_from_dict(merged(data, changes))
 
     def to_toml(self) -> str:
         """The resolved config as TOML text."""

@@ -27,7 +27,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..fl import ALGORITHMS
-from .config import Config, ConfigError, config_from_dict, load_config, parse_override
+from .config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    merged,
+    parse_override,
+)
 from .engine import read_metrics, run_experiment
 
 LAST = 3
@@ -98,8 +105,7 @@ def tuned_overrides(algorithm: str, keys: Sequence[str], point: Sequence[Any]
     for key, value in zip(keys, point, strict=True):
         section = key.split(".", 1)[0]
         if section in ("train", algorithm):
-            for k, v in _nested(key, value).items():
-                out.setdefault(k, {}).update(v)
+            out = merged(out, _nested(key, value))
     return out
 
 
