@@ -64,10 +64,10 @@ SETTINGS = {
         "the CAD paper's setting with the small FL CNN: 10 devices x 5 random classes, all "
         "take part, 1 local epoch, 20% of the training images (1,000 per device)"),
     "paper-alexnet": Setting(
-        "cifar10-alexnet-5cls.toml", ("data_fraction=0.1", "rounds=16", *EVAL),
-        (*PEERS, "central"), (0.005, 0.01, 0.02), 6,
-        "the CAD paper's setting with AlexNet at CPU scale: 10 devices x 5 classes, 10% of "
-        "the training images (500 per device)"),
+        "cifar10-alexnet-5cls.toml", ("data_fraction=0.05", "rounds=10", *EVAL),
+        (*PEERS, "central"), (0.01, 0.02), 5,
+        "the CAD paper's setting with AlexNet at CPU scale: 10 devices x 5 classes, all take "
+        "part, 1 local epoch, 5% of the training images (250 per device), 10 rounds"),
     "xdev-2cls": Setting(
         "cifar10-flcnn-xdev.toml", ("partition.k=2", *EVAL), tuple(PEERS), (0.01, 0.03, 0.1),
         15, "cross-device: 100 devices x 2 classes, 10 per round, 2 local epochs"),
@@ -110,8 +110,9 @@ def run_setting(name: str, seeds: list[int], out: Path) -> None:
     path, overrides = base_config(name)
     if s.sweep_rounds:
         print(f"{time.strftime('%H:%M:%S')} {name}: sweep", flush=True)
-        tuned = run_sweep(path, overrides, [("train.lr", list(s.lrs))], s.sweep_rounds,
-                          RUNS / name / "sweep", quiet=False).tuned
+        tuned = _timed(RUNS / name / "sweep", run_sweep, path, overrides,
+                       [("train.lr", list(s.lrs))], s.sweep_rounds, RUNS / name / "sweep",
+                       quiet=False).tuned
     else:  # tuned already: the preset carries its sweep's choices as [overrides.*]
         tuned = load_config(path, overrides)
     for seed in seeds:
@@ -122,7 +123,52 @@ def run_setting(name: str, seeds: list[int], out: Path) -> None:
             if len(done) >= cfg.rounds and (run_dir / "summary.md").exists():
                 continue
             print(f"{time.strftime('%H:%M:%S')} {name} seed {seed} {algo}", flush=True)
-            run_experiment(cfg, run_dir, resume=(run_dir / "config.toml").exists(), quiet=True)
+            _timed(run_dir, run_experiment, cfg, run_dir,
+                   resume=(run_dir / "config.toml").exists(), quiet=True)
+
+
+def _timed(where: Path, fn, *args, **kwargs):
+    """Call fn, adding the wall-clock seconds it took to `where/wall_s.txt` (a resumed run
+    adds to what its earlier sessions spent)."""
+    start = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        record = where / "wall_s.txt"
+        spent = float(record.read_text()) if record.exists() else 0.0
+        where.mkdir(parents=True, exist_ok=True)
+        record.write_text(f"{spent + time.perf_counter() - start:.1f}\n")
+
+
+def setting_wall(name: str) -> tuple[float, float, bool]:
+    """Wall-clock seconds of a setting's sweep and of its runs on this machine, and whether
+    part of it is estimated: runs from before compare.py timed them count from their first
+    file to their summary's modification time."""
+    sweep = runs = 0.0
+    estimated = False
+    for summary in (RUNS / name).glob("**/summary.md"):
+        if "sweep" in summary.relative_to(RUNS / name).parts:
+            continue
+        spent, guessed = _run_wall(summary.parent)
+        runs += spent
+        estimated |= guessed
+    record = RUNS / name / "sweep" / "wall_s.txt"
+    if record.exists():
+        sweep = float(record.read_text())
+    else:
+        for summary in (RUNS / name / "sweep").glob("point-*/summary.md"):
+            spent, _ = _run_wall(summary.parent)
+            sweep += spent
+            estimated = True
+    return sweep, runs, estimated
+
+
+def _run_wall(run_dir: Path) -> tuple[float, bool]:
+    record = run_dir / "wall_s.txt"
+    if record.exists():
+        return float(record.read_text()), False
+    first = min((run_dir / f).stat().st_mtime for f in ("config.toml", "partition.json"))
+    return (run_dir / "summary.md").stat().st_mtime - first, True
 
 
 def _single(tuned: Config, algo: str, seed: int) -> Config:
@@ -296,9 +342,13 @@ def report(out: Path, names: list[str], readme: bool) -> None:
             if source.exists():
                 (out / name / kept).write_bytes(source.read_bytes())
         path, overrides = base_config(name)
+        sweep_s, runs_s, estimated = setting_wall(name)
         parts.append(f"### {name}\n\n{SETTINGS[name].what}; preset `configs/"
                      f"{SETTINGS[name].preset}` with `{' '.join(overrides)}`; seeds "
-                     f"{sorted({s for r in rows for s in r['seeds']})}.\n\n{tab}\n\n"
+                     f"{sorted({s for r in rows for s in r['seeds']})}. Wall time on this "
+                     f"2-core CPU: {f'sweep {sweep_s / 60:.0f} min, ' if sweep_s else ''}runs "
+                     f"{runs_s / 60:.0f} min"
+                     f"{' (estimated from file times)' if estimated else ''}.\n\n{tab}\n\n"
                      f"![curves]({name}/curves.png)\n\n![pareto]({name}/pareto.png)\n")
     text = "\n".join(parts)
     (out / "results.md").write_text(text)
