@@ -56,8 +56,10 @@ def without_wall(lines: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if k != "wall_s"} for m in lines]
 
 
-def own_run_without(cfg, digits, out, dropped: dict[int, set[int]]) -> list[dict]:
-    """The own engine's run of `cfg` with the devices `dropped[round]` giving no answer."""
+def own_run_without(cfg, digits, out, dropped: dict[int, set[int]],
+                    reachable: dict[int, list[int]] | None = None) -> list[dict]:
+    """The own engine's run of `cfg` with the devices `dropped[round]` giving no answer and
+    (with `reachable`) each round's participants sampled from `reachable[round]` only."""
     from cadfl.runtime import Runtime
 
     runtime = Runtime(Experiment.setup(cfg, digits).data)
@@ -65,7 +67,10 @@ def own_run_without(cfg, digits, out, dropped: dict[int, set[int]]) -> list[dict
 
     def dropping(jobs):
         for d, p in jobs:
-            yield d, p, None if d in dropped[rnd[0]] else runtime.run(d, p)
+            yield d, p, None if d in dropped.get(rnd[0], ()) else runtime.run(d, p)
+
+    if reachable is not None:
+        dropping.reachable = lambda: reachable[rnd[0]]
 
     return run_experiment(cfg, out, quiet=True, dataset=digits, execute=dropping,
                           on_round=lambda line: rnd.__setitem__(0, line["round"] + 1))
@@ -141,6 +146,7 @@ class LoopbackGrid:
         self.sent = 0
         self.silent: set[int] = set()  # nodes that never answer (a timeout)
         self.gone: dict[int, Context] = {}  # nodes that left, with their state
+        self.replies: dict[str, Message] = {}  # by the id of the message they answer
 
     def node_of(self, partition: int) -> int:
         return next(n for n, c in self.contexts.items()
@@ -157,9 +163,12 @@ class LoopbackGrid:
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        """Deliver each message now; its reply waits to be pulled (none from a silent node)."""
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"m{self.sent}"  # as Flower's grids do
+            ids.append(f"m{self.sent}")
             self.sent += 1
             if msg.metadata.message_type == "train":
                 payload, _ = decode_payload(msg.content)
@@ -168,10 +177,15 @@ class LoopbackGrid:
             if msg.metadata.dst_node_id in self.silent:
                 continue
             try:
-                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
+                reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # what Flower does: an error reply
                 from flwr.app import Error
-                replies.append(Message(Error(code=0, reason=repr(exc)), reply_to=msg))
+                reply = Message(Error(code=0, reason=repr(exc)), reply_to=msg)
+            self.replies[reply.metadata.reply_to_message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        replies = [self.replies.pop(i) for i in message_ids if i in self.replies]
         self.rng.shuffle(replies)
         return replies
 
@@ -314,8 +328,8 @@ def test_nodes_own_data_decide_their_contexts(tmp_path, digits):
 
 
 def test_failures_are_dropouts_and_nodes_may_come_back(tmp_path, digits, caplog):
-    """A device with no node, a node that errors, one that times out and one that leaves
-    are logged and counted in `rejected`; the round goes on; a node that comes back (new
+    """A node that times out is logged and counted in `rejected`, and the round goes on; a
+    device without a node, or whose node left, is not sampled; a node that comes back (new
     node id, its state kept) takes part again."""
     cfg = small('algorithms=["fedavg"]', "rounds=4", "devices=4")
     grid = LoopbackGrid(3)  # device 3 never gets a node
@@ -337,16 +351,31 @@ def test_failures_are_dropouts_and_nodes_may_come_back(tmp_path, digits, caplog)
     with caplog.at_level("WARNING", logger="cadfl"):
         lines = run_experiment(cfg, tmp_path / "r", quiet=True, dataset=digits,
                                execute=execute, on_round=on_round)
-    assert rejected == [1, 2, 2, 1]
+    assert rejected == [0, 1, 0, 0]
     assert [m["round"] for m in lines] == [1, 2, 3, 4]
     text = caplog.text
-    assert "device 3 has no node connected" in text
+    assert "devices without a node so far (not sampled until they connect): [3]" in text
     assert f"node {grid.node_of(1)} did not answer within 1 s" in text
     assert "device 2: node" in text and "is no longer connected" in text
     assert "device 2: now on node" not in text  # it left first, then came back
     assert execute.nodes[2] == grid.node_of(2)
-    # The engine's own runtime with the same devices left out gives the same metric lines.
-    own = own_run_without(cfg, digits, tmp_path / "own", {1: {3}, 2: {1, 3}, 3: {2, 3}, 4: {3}})
+    assert len(grid.trained[2]) == 3  # rounds 1, 2 and 4
+    # The engine's own runtime sampling from the same devices and with the same one left
+    # out gives the same metric lines.
+    own = own_run_without(cfg, digits, tmp_path / "own", {2: {1}},
+                          {1: [0, 1, 2], 2: [0, 1, 2], 3: [0, 1], 4: [0, 1, 2]})
+    assert without_wall(lines) == without_wall(own)
+
+
+def test_participants_are_sampled_from_the_connected_nodes(tmp_path, digits):
+    """6 devices in the config, 2 per round, nodes for 3 of them: every round trains 2 of
+    the connected 3 (none rejected), as the engine sampling from those 3 does."""
+    cfg = small('algorithms=["fedavg"]', "rounds=4", "devices=6", "sample=2")
+    lines, grid = run_on_loopback(cfg, tmp_path / "flower", digits, LoopbackGrid(3))
+    assert [m["rejected"] for m in lines] == [0] * 4
+    assert sorted(grid.trained) == [0, 1, 2]
+    assert sum(len(v) for v in grid.trained.values()) == 2 * 4
+    own = own_run_without(cfg, digits, tmp_path / "own", {}, {r: [0, 1, 2] for r in range(1, 5)})
     assert without_wall(lines) == without_wall(own)
 
 

@@ -84,7 +84,7 @@ def test_fedper_never_sends_the_head_and_scores_each_device_with_its_own(tmp_pat
     assert torch.equal(state["fc1.weight"], exp.init["fc1.weight"])
     assert not torch.equal(state["conv1.weight"], exp.init["conv1.weight"])
     store = DeviceStore(tmp_path / "devices" / "fedper")
-    trained = set(sample_devices(0, 1, 4, 2)) | set(sample_devices(0, 2, 4, 2))
+    trained = set(sample_devices(0, 1, range(4), 2)) | set(sample_devices(0, 2, range(4), 2))
     for d in range(4):
         kept = store.get(d)
         assert (d in trained) == any(k.startswith("fc1.") for k in kept), d

@@ -42,7 +42,8 @@ from .codec import decode_update, encode_payload
 from .own_data import RunData, count_scores, server_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-POLL_S = 0.5
+POLL_S = 0.5  # waiting for nodes to connect
+REPLY_POLL_S = 0.05  # waiting for replies: a pull is one small request to the SuperLink
 log = logging.getLogger("cadfl")
 
 
@@ -118,7 +119,7 @@ class FlowerExecutor:
                               "--node-config 'partition-id=0..N-1'")
         missing = sorted(set(range(self.cfg.devices)) - set(self.nodes))
         if missing:
-            log.warning("devices without a node so far (dropouts until they connect): %s",
+            log.warning("devices without a node so far (not sampled until they connect): %s",
                         missing)
 
     def use_own_data(self) -> None:
@@ -174,12 +175,18 @@ class FlowerExecutor:
                 log.warning("device %d: now on node %d (was node %d)", d, n, self.nodes[d])
             self.nodes[d] = n
 
+    def reachable(self) -> list[int]:
+        """The devices with a node connected now: the engine samples a round's participants
+        from these (a node that joined late is asked first, one that left is not sampled)."""
+        self.refresh()
+        return sorted(self.nodes)
+
     def _exchange(self, messages: dict[int, Message], what: str) -> dict[int, Message]:
         """Send messages (by node id) and wait up to the deadline; the good replies by node
         id. Errors and missing replies are logged with the node and the reason."""
         if not messages:
             return {}
-        replies = self.grid.send_and_receive(list(messages.values()), timeout=self.deadline)
+        replies = self._push_and_pull(list(messages.values()))
         self.messages += len(messages)
         good = {}
         for reply in replies:
@@ -192,6 +199,25 @@ class FlowerExecutor:
         for n in sorted(set(messages) - answered):
             log.warning("%s: node %d did not answer within %g s", what, n, self.deadline)
         return good
+
+    def _push_and_pull(self, messages: list[Message]) -> list[Message]:
+        """Push the messages and pull their replies until all are in or the deadline passes.
+
+        Not `Grid.send_and_receive`: over HTTP it sleeps 3 s between pulls, which made up
+        most of a deployment round on loopback."""
+        pending = set(self.grid.push_messages(messages))
+        replies: list[Message] = []
+        deadline = time.monotonic() + self.deadline
+        while pending:
+            pulled = list(self.grid.pull_messages(pending))
+            replies += pulled
+            pending -= {m.metadata.reply_to_message_id for m in pulled}
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if pending:
+                time.sleep(min(REPLY_POLL_S, left))
+        return replies
 
     def _send(self, payloads: list[Job], kind: str) -> dict[int, Message]:
         """One message of type `kind` per device with a node; the good replies by device."""

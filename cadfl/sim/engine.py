@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -110,10 +110,12 @@ def owned_partition(owners: torch.Tensor, labels: torch.Tensor, num_devices: int
     return Partition("own", seed, num_classes, {}, [ix.tolist() for ix in indices], counts)
 
 
-def sample_devices(seed: int, rnd: int, num_devices: int, count: int) -> list[int]:
-    """This round's participants: the same for every algorithm, independent of history."""
+def sample_devices(seed: int, rnd: int, pool: Sequence[int], count: int) -> list[int]:
+    """This round's participants, `count` (at most all) of the devices in `pool`: the same
+    for every algorithm, independent of history."""
     rng = np.random.default_rng([seed, rnd])
-    return sorted(rng.choice(num_devices, size=count, replace=False).tolist())
+    return sorted(rng.choice(np.asarray(pool, dtype=np.int64), size=min(count, len(pool)),
+                             replace=False).tolist())
 
 
 @dataclass
@@ -311,7 +313,11 @@ class Experiment:
         strategy.devices = self.device_map
         state = strategy.add_classes(state, self.schedule.model_classes(rnd),
                                      device_seed(cfg.seed, rnd, -2))
-        ids = sample_devices(cfg.seed, rnd, cfg.devices, cfg.sampled_per_round())
+        # A deployment samples from the devices that can be reached now (its executor
+        # knows which); in process every device can.
+        reachable = getattr(execute, "reachable", None)
+        pool = reachable() if reachable else range(cfg.devices)
+        ids = sample_devices(cfg.seed, rnd, pool, cfg.sampled_per_round())
         execute = with_faults(execute or self.runtime(), cfg.faults, cfg.seed, rnd)
         tally = Tally()
         queries = strategy.configure_query(rnd, state, [d.id for d in self.devices])
