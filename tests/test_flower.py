@@ -722,3 +722,12 @@ def test_an_unregistered_supernode_is_refused(tmp_path):
     link = (out / "logs" / "superlink.log").read_text()
     assert link.count("Activated node_id=") == 1  # the registered node only
     assert "Attempted to register SuperNode with public key" in link
+
+
+def test_the_clientapp_module_is_light_to_import():
+    """A deployment node imports the ClientApp for every message: no plotting library."""
+    code = "import sys, cadfl.flower.client_app; print(sorted(m for m in sys.modules " \
+           "if m.split('.')[0] in ('matplotlib', 'sklearn', 'scipy')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"

@@ -32,7 +32,6 @@ from ..fl.payload import DeviceInfo, Payload, State, TrainConfig, Update, state_
 from ..fl.strategy import device_seed
 from ..fl.validate import rejection
 from ..models import ModelSpec, build_model, get_model
-from ..report.plots import plot_curves
 from ..report.summary import markdown_table, summarize
 from ..runtime import DeviceStore, Executor, Result, Runtime, resolve_device, to_compute
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -589,5 +588,9 @@ def write_report(out: Path, cfg: Config, lines: list[dict]) -> list[dict]:
     (out / "summary.md").write_text(
         f"# Run summary\n\n{title}; target accuracy {cfg.target_acc}.\n\n"
         f"{markdown_table(rows)}\n\n![curves](curves.png)\n")
+    # Imported here: matplotlib is half a second of import that a Flower node, which
+    # imports this module for every message it runs, never needs.
+    from ..report.plots import plot_curves
+
     plot_curves(lines, out / "curves.png", title)
     return rows
