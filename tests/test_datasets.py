@@ -47,14 +47,17 @@ def test_digits() -> None:
     assert d.mean[0] == pytest.approx((d.train_x / 255).mean().item(), abs=1e-6)
 
 
-def test_digits_pixel_scaling() -> None:
+def test_digits_are_sklearns_images_and_labels_scaled() -> None:
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
-    x = torch.cat([load_digits().train_x, load_digits().test_x]).reshape(-1, 64)
-    expected = np.rint(bunch.data * 255 / 16)
-    # The split reorders images; compare as sorted sets of rows.
-    assert sorted(map(tuple, x.tolist())) == sorted(map(tuple, expected.astype(int).tolist()))
+    d = load_digits()
+    x = torch.cat([d.train_x, d.test_x]).reshape(-1, 64)
+    y = torch.cat([d.train_y, d.test_y])
+    expected = np.rint(bunch.data * 255 / 16).astype(int)
+    # The split reorders images; compare as sorted sets of (image, label) rows.
+    assert sorted(zip(map(tuple, x.tolist()), y.tolist(), strict=True)) == \
+        sorted(zip(map(tuple, expected.tolist()), bunch.target.tolist(), strict=True))
 
 
 def test_channel_stats_match_float_computation() -> None:

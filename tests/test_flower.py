@@ -724,10 +724,15 @@ def test_an_unregistered_supernode_is_refused(tmp_path):
     assert "Attempted to register SuperNode with public key" in link
 
 
-def test_the_clientapp_module_is_light_to_import():
-    """A deployment node imports the ClientApp for every message: no plotting library."""
-    code = "import sys, cadfl.flower.client_app; print(sorted(m for m in sys.modules " \
-           "if m.split('.')[0] in ('matplotlib', 'sklearn', 'scipy')))"
+def test_a_deployment_message_imports_no_plotting_or_sklearn():
+    """A deployment node imports the ClientApp and sets up its experiment in a fresh
+    process for every message: neither pulls in matplotlib, scikit-learn or SciPy."""
+    code = ("import sys, cadfl.flower.client_app\n"
+            "from cadfl.sim.config import load_config\n"
+            "from cadfl.sim.engine import Experiment\n"
+            "Experiment.setup(load_config(None, []))\n"
+            "print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('matplotlib', 'sklearn', 'scipy')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"

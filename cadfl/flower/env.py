@@ -18,7 +18,7 @@ FIXED = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     # How often a SuperExec asks for work (default 1 s): a message waits for it twice a round.
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25",
 }
 
 

@@ -43,7 +43,7 @@ from .own_data import RunData, count_scores, server_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.5  # waiting for nodes to connect
-REPLY_POLL_S = 0.05  # waiting for replies: a pull is one small request to the SuperLink
+REPLY_POLL_S = 0.1  # waiting for replies: a pull is one small request to the SuperLink
 log = logging.getLogger("cadfl")
 
 
