@@ -80,7 +80,7 @@ def bare_round(exp: Experiment, rnd: int, state: State, models: dict[int, torch.
     """One FedAvg round written as a plain PyTorch loop over prebuilt models and pre-normalised
     inputs: load the global weights, SGD over shuffled augmented batches, average."""
     cfg, train = exp.cfg, exp.train_config()
-    ids = sample_devices(cfg.seed, rnd, cfg.devices, cfg.sampled_per_round())
+    ids = sample_devices(cfg.seed, rnd, range(cfg.devices), cfg.sampled_per_round())
     ds = exp.dataset
     trained, sizes = [], []
     for d in ids:

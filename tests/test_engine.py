@@ -248,7 +248,7 @@ def test_metrics_lines_eval_thinning_bytes_and_context_accuracy(tmp_path, digits
             assert by[name, rnd]["bytes_down"] == 0 and by[name, rnd]["bytes_up"] == 0
 
     # Only half the devices train each round, but context accuracy covers all of them.
-    assert len(sample_devices(cfg.seed, 3, cfg.devices, cfg.sampled_per_round())) == 2
+    assert len(sample_devices(cfg.seed, 3, range(cfg.devices), cfg.sampled_per_round())) == 2
     for name in cfg.algorithms:
         state, record = load_checkpoint(out / "checkpoints", name)
         assert record["round"] == 3
@@ -277,7 +277,7 @@ def test_keep_local_bn_scores_each_device_with_its_own_statistics(digits):
     exp = Experiment.setup(small("bn=keep_local", "sample=0.5", "train.epochs=3"), digits)
     strategy, runtime = exp.strategy("fedavg"), exp.runtime()
     state, _ = exp.train_round(strategy, 1, strategy.initial_state(exp.init), runtime)
-    participants = sample_devices(exp.cfg.seed, 1, exp.cfg.devices, 2)
+    participants = sample_devices(exp.cfg.seed, 1, range(exp.cfg.devices), 2)
     key = "bn1.running_mean"
     accs, accs_global = [], []
     for d in exp.devices:
