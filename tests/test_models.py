@@ -149,6 +149,8 @@ def test_grouped_linear_equals_block_diagonal_dense(groups: int) -> None:
     grouped = GroupedLinear(groups * g_in, groups * g_out, groups)
     dense = nn.Linear(groups * g_in, groups * g_out)
     with torch.no_grad():
+        grouped.weight.normal_()
+        grouped.bias.normal_()
         dense.weight.zero_()
         for g in range(groups):
             rows, cols = slice(g * g_out, (g + 1) * g_out), slice(g * g_in, (g + 1) * g_in)

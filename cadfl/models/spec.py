@@ -232,8 +232,10 @@ class GroupedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.groups = in_features, out_features, groups
         self.sizes = sizes or (out_features // groups,) * groups
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // groups))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        # Zeros, not torch.empty: build_model initialises them, and a module made on its own
+        # must not compute with whatever the memory held.
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features // groups))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.groups
