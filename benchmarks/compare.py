@@ -53,8 +53,9 @@ class Setting:
 
 
 EVAL = ("eval_every=2", "test_fraction=0.2")
-# Scoring all 100 devices' own models costs more than a round's training there (measured:
-# 300 s of evaluation against 186 s of training over a 15-round sweep point): every 5th round.
+# Scoring all 100 devices' own models costs more than a round's training there: a 15-round
+# sweep point scored every 2nd round took 500 s, of which 186 s were its training rounds (the
+# test suite ran beside it). So every 5th round.
 XDEV = ("rounds=40", "eval_every=5", "test_fraction=0.2")
 SETTINGS = {
     "digits": Setting(

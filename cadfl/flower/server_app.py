@@ -208,16 +208,14 @@ class FlowerExecutor:
         pending = set(self.grid.push_messages(messages))
         replies: list[Message] = []
         deadline = time.monotonic() + self.deadline
-        while pending:
+        while True:
             pulled = list(self.grid.pull_messages(pending))
             replies += pulled
             pending -= {m.metadata.reply_to_message_id for m in pulled}
             left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            if pending:
-                time.sleep(min(REPLY_POLL_S, left))
-        return replies
+            if not pending or left <= 0:
+                return replies
+            time.sleep(min(REPLY_POLL_S, left))
 
     def _send(self, payloads: list[Job], kind: str) -> dict[int, Message]:
         """One message of type `kind` per device with a node; the good replies by device."""
