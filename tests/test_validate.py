@@ -111,8 +111,8 @@ MUTATIONS = ["drop_key", "extra_key", "shape", "dtype", "nan", "inf", "samples_l
 def _mutate(update: Update, kind: str, data) -> None:
     keys = sorted(update.state)
     key = data.draw(st.sampled_from([k for k in keys if update.state[k].is_floating_point()]))
-    if kind == "drop_key":
-        update.state.pop(data.draw(st.sampled_from(keys)))
+    if kind == "drop_key":  # a key of the model: dropping an extra key would undo that mutation
+        update.state.pop(data.draw(st.sampled_from([k for k in keys if not k.endswith("!")])))
     elif kind == "extra_key":
         update.state[data.draw(st.text(min_size=1, max_size=8)) + "!"] = torch.zeros(2)
     elif kind == "shape":
