@@ -195,7 +195,7 @@ def run_on_loopback(cfg, out, digits, grid=None, **kwargs):
     grid = grid or LoopbackGrid(cfg.devices)
     execute = FlowerExecutor(grid, cfg, deadline=30, wait=0.1, **kwargs)
     lines = run_experiment(cfg, out, quiet=True, execute=execute, on_round=execute.round_done,
-                           dataset=digits if execute.dataset is None else execute.dataset)
+                           dataset=digits, experiment=execute.experiment)
     return lines, grid
 
 
@@ -268,10 +268,12 @@ def node_folders(root: Path) -> dict[int, Path]:
             for d, classes in enumerate(NODE_CLASSES)}
 
 
-def own_run_with_node_data(cfg, digits, folders: dict[int, Path], out) -> list[dict]:
+def own_run_with_node_data(cfg, digits, folders: dict[int, Path], out,
+                           absent: set[int] = frozenset()) -> list[dict]:
     """The own engine's run of `cfg` on digits' test set, device d training on the images
     in `folders[d]` (held in one dataset, owners = devices) and scoring its model on their
-    held-out share, in this process."""
+    held-out share, in this process. The devices in `absent` cannot be reached in the first
+    round of the first algorithm."""
     from cadfl.flower.own_data import NodeData, RunData, count_scores, server_dataset
 
     nodes = {d: NodeData(f, cfg) for d, f in folders.items()}
@@ -284,14 +286,22 @@ def own_run_with_node_data(cfg, digits, folders: dict[int, Path], out) -> list[d
     runtime = Experiment.setup(cfg, ds).runtime()
 
     class Devices:
+        away = set(absent)
+
         def __call__(self, jobs):
-            return runtime(jobs)
+            return runtime([(d, p) for d, p in jobs if d not in self.away])
+
+        def reachable(self):
+            return [d for d in range(cfg.devices) if d not in self.away]
 
         def score(self, jobs):
             for d, p in jobs:
-                yield d, count_scores(nodes[d].score(p.spec, runtime.own_state(d, p), run))
+                if d not in self.away:
+                    yield d, count_scores(nodes[d].score(p.spec, runtime.own_state(d, p), run))
 
-    return run_experiment(cfg, out, quiet=True, dataset=ds, execute=Devices())
+    devices = Devices()
+    return run_experiment(cfg, out, quiet=True, dataset=ds, execute=devices,
+                          on_round=lambda line: devices.away.clear())
 
 
 def test_nodes_own_data_decide_their_contexts(tmp_path, digits):
@@ -318,13 +328,54 @@ def test_nodes_own_data_decide_their_contexts(tmp_path, digits):
     _, record = load_checkpoint(tmp_path / "flower" / "checkpoints", "cad")
     assert record["structure"]["decoupling"]["num_classes"] == 11  # a path for "seven"
     assert via[-1]["class_acc"][10] is None  # digits' test set has no "seven"
-    # Without a report from every device, or with what only a simulated partition has, the
-    # run is refused before it starts.
-    with pytest.raises(FlowerError, match=r"devices \[2\] did not report"):
-        FlowerExecutor(LoopbackGrid(2, data_dirs=folders), cfg, wait=0.1)
+    # With what only a simulated partition has, the run is refused before it starts.
     with pytest.raises(FlowerError, match="central"):
         FlowerExecutor(LoopbackGrid(3, data_dirs=folders),
                        load_config(None, [*OWN_DATA, 'algorithms=["central"]']), wait=0.1)
+
+
+def test_a_node_with_its_own_images_may_join_late(tmp_path, digits, caplog):
+    """Nodes 0 and 1 report their images at the start; nodes 2 and 3 connect after CAD's
+    first round. Device 2, with classes the run knows, is admitted: it trains from the next
+    round on (CAD: the sub-model of its classes) and partition.json gains it. Device 3
+    reports a class name the run lacks and is not used. The metric lines equal the own
+    engine's on the same per-device data with device 2 out of reach in that first round."""
+    from tests.test_folder import write_digit_folder
+
+    cfg = load_config(None, [*OWN_DATA, "devices=4", "rounds=3"])
+    names = [*NODE_CLASSES[:2], {"3": 3, "4": 4}, {"3": 3, "seven": 7}]
+    folders = {d: write_digit_folder(tmp_path / f"node-{d}", c, 16, offset=20 * d)
+               for d, c in enumerate(names)}
+    grid = LoopbackGrid(4, data_dirs=folders)
+    grid.leave(2)
+    grid.leave(3)
+    out = tmp_path / "flower"
+    with caplog.at_level("INFO", logger="cadfl"):
+        execute = FlowerExecutor(grid, cfg, deadline=30, wait=0.1, out=out)
+        assert sorted(execute.reports) == [0, 1]
+
+        def on_round(line):
+            execute.round_done(line)
+            if (line["algorithm"], line["round"]) == ("cad", 1):
+                grid.come_back(2)
+                grid.come_back(3)
+
+        via = run_experiment(cfg, out, quiet=True, execute=execute, on_round=on_round,
+                             experiment=execute.experiment)
+    assert "devices [2, 3] have not reported images of their own" in caplog.text
+    assert "device 2 joined with its own images: {'3': 12, '4': 12}" in caplog.text
+    assert "device 3 is not used: class names ['seven'] are not in the run's class list" \
+        in caplog.text
+    assert grid.trained[2][:2] == [(3, 4)] * 2  # CAD rounds 2 and 3, then FedAvg's 3
+    assert len(grid.trained[2]) == 5 and 3 not in grid.trained
+    assert [m["rejected"] for m in via] == [0] * 6
+    assert [m["eval_devices"] for m in via] == [2, 3, 3, 3, 3, 3]
+    part = json.loads((out / "partition.json").read_text())
+    assert [[c for c, n in enumerate(d["class_counts"]) if n] for d in part["devices"]] == \
+        [[0, 1, 2], [1, 2, 3], [3, 4], []]
+    own = own_run_with_node_data(cfg, digits, {d: folders[d] for d in range(3)},
+                                 tmp_path / "own", absent={2})
+    assert without_wall(via) == without_wall(own)
 
 
 def test_failures_are_dropouts_and_nodes_may_come_back(tmp_path, digits, caplog):

@@ -116,8 +116,12 @@ def test_reported_names_map_to_the_runs_class_ids_and_new_names_are_appended(dig
     assert counts[2][3] == 5 and counts[2][12] == 4
     assert [d.classes for d in exp.devices] == [(0, 1), (1, 10, 11), (3, 12)]
     assert len(exp.data(2)) == 9
-    with pytest.raises(ConfigError, match="devices without images"):
-        Experiment.setup(load_config(None, ["devices=4"]), ds)
+    # A device without images (its node has not reported) holds nothing and is not
+    # sampled; images of a device the config lacks are refused.
+    exp = Experiment.setup(load_config(None, ["devices=4"]), ds)
+    assert exp.devices[3].classes == () and exp.holding() == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"images of devices \[2\]"):
+        Experiment.setup(load_config(None, ["devices=2"]), ds)
 
 
 def test_count_scores():

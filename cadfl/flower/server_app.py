@@ -39,7 +39,7 @@ from ..sim.config import Config, load_config
 from ..sim.engine import Experiment, run_dataset, run_experiment
 from .client_app import CLASSES, COUNTS, EXPERIMENT, IDENTITY, PARTITION_ID, SCORES
 from .codec import decode_update, encode_payload
-from .own_data import RunData, count_scores, server_dataset
+from .own_data import RunData, count_scores, server_dataset, with_report
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.5  # waiting for nodes to connect
@@ -56,10 +56,12 @@ class FlowerExecutor:
 
     Node ids are random: every node that connects is asked once (a query message) which
     device (partition) it holds; a node with its own images also reports their class names
-    and counts. When the nodes hold their own images, every device must report at the start:
-    the reports decide the devices (`dataset`, for the engine: `own_data.server_dataset`),
-    every message tells the nodes the run's classes and normalisation, and devices score
-    themselves on their own held-out images. Before each round the executor looks at the
+    and counts. When the nodes hold their own images (some node reported them during the
+    start-up wait), the reports decide the devices (`experiment`, for the engine, set up from
+    `own_data.server_dataset`), every message tells the nodes the run's classes and
+    normalisation, and devices score themselves on their own held-out images. Class names
+    the run's list lacks become New Classes at the start; a device that reports later joins
+    with classes the run knows by then. Before each round the executor looks at the
     nodes connected then: a node that joined late is asked, a node that left loses its
     device, and a device whose node came back (a new node id) is served by it again. A device
     with no node, a node that fails, or one that does not answer within `deadline` seconds is
@@ -74,14 +76,18 @@ class FlowerExecutor:
     """
 
     def __init__(self, grid: Grid, cfg: Config, deadline: float = 600.0,
-                 wait: float = 60.0, start: dict[str, int] | None = None) -> None:
-        self.grid, self.cfg, self.deadline = grid, cfg, deadline
-        self.experiment = json.dumps(cfg.to_dict())
+                 wait: float = 60.0, start: dict[str, int] | None = None,
+                 out: Path | None = None) -> None:
+        self.grid, self.cfg, self.deadline, self.out = grid, cfg, deadline, out
+        self.config_json = json.dumps(cfg.to_dict())
         self.messages = 0
         self.nodes: dict[int, int] = {}  # device -> node id
         self.reports: dict[int, dict[str, int]] = {}  # device -> its own images per class
+        self.own_data: bool | None = None  # do the nodes hold the images (None: not known yet)
         self.dataset: Dataset | None = None  # the devices' own data as the server knows it
+        self.experiment: Experiment | None = None  # the engine's, set up from `dataset`
         self.run_data = ""  # RunData JSON sent to nodes with their own images
+        self._late: dict[int, dict[str, int]] = {}  # reports after the start, not admitted yet
         self._asked: set[int] = set()  # node ids that said which device they hold
         start = start or {}
         self._todo = [(a, r) for a in cfg.algorithms
@@ -89,7 +95,8 @@ class FlowerExecutor:
         self._step = 0
         self._server: Experiment | None = None
         self.wait_for_nodes(wait)
-        if self.reports:
+        self.own_data = bool(self.reports)
+        if self.own_data:
             self.use_own_data()
 
     @property
@@ -124,14 +131,9 @@ class FlowerExecutor:
 
     def use_own_data(self) -> None:
         """The nodes hold their own images: the devices are what they reported (names the
-        run's class list lacks become New Classes); FlowerError if a device did not report
-        or the config asks for something only a simulated partition has."""
+        run's class list lacks become New Classes; a device yet to report holds nothing);
+        FlowerError if the config asks for something only a simulated partition has."""
         cfg = self.cfg
-        missing = sorted(set(range(cfg.devices)) - set(self.reports))
-        if missing:
-            raise FlowerError(f"devices {missing} did not report their own images at the start: "
-                              "with nodes' own data, start every device's SuperNode with "
-                              "--node-config 'partition-id=N data-dir=\"DIR\"' before the run")
         simulated = [name for name, used in (
             ("central", "central" in cfg.algorithms), ("context", bool(cfg.context)),
             ("validation_fraction", cfg.validation_fraction > 0),
@@ -141,11 +143,15 @@ class FlowerExecutor:
                               "nodes' own images")
         run = run_dataset(cfg)
         self.dataset = server_dataset(run, self.reports)
-        self._server = Experiment.setup(cfg, self.dataset)
-        self.run_data = RunData.of(self._server.dataset, self._server.label_space).to_json()
+        self.experiment = Experiment.setup(cfg, self.dataset)
+        self.run_data = RunData.of(self.dataset, self.experiment.label_space).to_json()
         for c in range(run.num_classes, self.dataset.num_classes):
             log.info("New Class %r (class id %d): first reported by a node",
                      self.dataset.classes[c], c)
+        missing = sorted(set(range(cfg.devices)) - set(self.reports))
+        if missing:
+            log.warning("devices %s have not reported images of their own: each takes part "
+                        "once its node connects and reports them", missing)
 
     def refresh(self) -> None:
         """Follow the connected nodes: forget those that left, ask new ones their device."""
@@ -158,7 +164,7 @@ class FlowerExecutor:
         new = sorted(connected - self._asked)
         if not new:
             return
-        ask = RecordDict({IDENTITY: ConfigRecord({EXPERIMENT: self.experiment})})
+        ask = RecordDict({IDENTITY: ConfigRecord({EXPERIMENT: self.config_json})})
         query = {n: Message(ask, dst_node_id=n, message_type=MessageType.QUERY) for n in new}
         for n, reply in self._exchange(query, "query").items():
             self._asked.add(n)
@@ -169,17 +175,50 @@ class FlowerExecutor:
                             self.cfg.devices - 1)
                 continue
             if CLASSES in identity:
-                self.reports[d] = dict(zip(map(str, identity[CLASSES]),
-                                           map(int, identity[COUNTS]), strict=True))
+                self._reported(d, dict(zip(map(str, identity[CLASSES]),
+                                           map(int, identity[COUNTS]), strict=True)))
             if self.nodes.get(d, n) != n:
                 log.warning("device %d: now on node %d (was node %d)", d, n, self.nodes[d])
             self.nodes[d] = n
 
+    def _reported(self, d: int, report: dict[str, int]) -> None:
+        """Device d's node reported its own images: kept during the start-up wait, to be
+        admitted before the next round after it, ignored (with the reason) otherwise."""
+        if self.own_data is None:
+            self.reports[d] = report
+        elif not self.own_data:
+            log.warning("device %d reports images of its own, but this run's devices have a "
+                        "simulated partition: its node trains on that", d)
+        elif d not in self.reports:
+            self._late[d] = report
+        elif report != self.reports[d]:
+            log.warning("device %d reports other images than at first: the first report "
+                        "stands for this run", d)
+
+    def _admit(self, d: int, report: dict[str, int]) -> None:
+        """Take device d's late report into the dataset and the engine's experiment (and
+        the run directory's partition.json); a class name the run lacks keeps it out."""
+        assert self.dataset is not None and self.experiment is not None
+        try:
+            self.dataset = with_report(self.dataset, d, report)
+        except ValueError as exc:
+            log.warning("device %d is not used: %s (new class names must be reported at the "
+                        "start of the run)", d, exc)
+            return
+        self.experiment.admit(d, self.dataset)
+        self.reports[d] = report
+        log.info("device %d joined with its own images: %s", d, report)
+        if self.out is not None:
+            self.experiment.partition.save(self.out / "partition.json")
+
     def reachable(self) -> list[int]:
-        """The devices with a node connected now: the engine samples a round's participants
-        from these (a node that joined late is asked first, one that left is not sampled)."""
+        """The devices with a node connected now (and, with nodes' own images, reported):
+        the engine samples a round's participants from these. A node that joined late is
+        asked first (its device admitted), one that left is not sampled."""
         self.refresh()
-        return sorted(self.nodes)
+        for d in sorted(self._late):
+            self._admit(d, self._late.pop(d))
+        return sorted(d for d in self.nodes if not self.own_data or d in self.reports)
 
     def _exchange(self, messages: dict[int, Message], what: str) -> dict[int, Message]:
         """Send messages (by node id) and wait up to the deadline; the good replies by node
@@ -228,7 +267,7 @@ class FlowerExecutor:
                 log.warning("%s round %d: device %d has no node connected", algorithm, rnd, d)
                 continue
             messages[self.nodes[d]] = Message(
-                encode_payload(p, self.experiment, rnd, algorithm, self.run_data),
+                encode_payload(p, self.config_json, rnd, algorithm, self.run_data),
                 dst_node_id=self.nodes[d], message_type=kind)
         device_of = {n: d for d, n in self.nodes.items()}
         replies = self._exchange(messages, f"{algorithm} round {rnd} {kind}")
@@ -287,15 +326,15 @@ def run_on_grid(grid: Grid, cfg: Config, out: Path, wait: float = 60.0,
                 resume: bool = False) -> list[dict]:
     """The whole experiment with its devices behind `grid`; writes the run directory."""
     execute = FlowerExecutor(grid, cfg, cfg.round_deadline, wait,
-                             rounds_done(cfg, out) if resume else None)
+                             rounds_done(cfg, out) if resume else None, out)
 
     def round_done(line: dict) -> None:
         execute.round_done(line)
         if on_round:
             on_round(line)
 
-    return run_experiment(cfg, out, resume=resume, quiet=quiet, dataset=execute.dataset,
-                          execute=execute, on_round=round_done)
+    return run_experiment(cfg, out, resume=resume, quiet=quiet, execute=execute,
+                          on_round=round_done, experiment=execute.experiment)
 
 
 def config_from_run_config(run_config: dict) -> tuple[Config, Path, float]:

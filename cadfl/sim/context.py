@@ -69,10 +69,11 @@ class Schedule:
         return self._known[rounds]
 
     def check(self) -> None:
-        """ConfigError if a device is left with no class in some round."""
+        """ConfigError if a device is left with no class in some round (a device that
+        holds no images yet, a Flower node that has not reported its own, is not checked)."""
         for r in sorted({1} | {ch.round for ch in self.changes}):
             for d in range(len(self.held)):
-                if not self.context(d, r):
+                if self.held[d] and not self.context(d, r):
                     raise ConfigError(f"context: device {d} has no class left in round {r}; "
                                       "every device needs at least one")
 

@@ -98,13 +98,14 @@ def run_dataset(cfg: Config) -> Dataset:
 def owned_partition(owners: torch.Tensor, labels: torch.Tensor, num_devices: int,
                     num_classes: int, seed: int) -> Partition:
     """The partition of a dataset that comes split by device: device d holds the images
-    whose owner is d (ConfigError unless every one of `num_devices` devices has some)."""
+    whose owner is d. A device may hold none yet (a Flower node that has not reported its
+    images: `Experiment.admit` takes them in when it does); ConfigError for images owned by a
+    device the config does not have."""
     indices = [torch.nonzero(owners == d).flatten() for d in range(num_devices)]
-    owned = sorted(set(owners.tolist()))
-    if owned != list(range(num_devices)):
-        raise ConfigError(f"devices: the config has {num_devices}, the dataset's images "
-                          f"belong to devices {owned}; devices without images: "
-                          f"{sorted(set(range(num_devices)) - set(owned))}")
+    outside = sorted(set(owners.tolist()) - set(range(num_devices)))
+    if outside:
+        raise ConfigError(f"devices: the config has {num_devices} (0..{num_devices - 1}), "
+                          f"the dataset has images of devices {outside}")
     counts = [torch.bincount(labels[ix], minlength=num_classes).tolist() for ix in indices]
     return Partition("own", seed, num_classes, {}, [ix.tolist() for ix in indices], counts)
 
@@ -220,6 +221,29 @@ class Experiment:
             self.devices.append(DeviceInfo(d, tuple(counts)))
         self.device_map = {d.id: d for d in self.devices}
 
+    def holding(self) -> list[int]:
+        """The devices with images in the current round (with nodes' own images, a device
+        holds none until its node reports them)."""
+        return [d.id for d in self.devices if d.classes]
+
+    def admit(self, device: int, dataset: Dataset) -> None:
+        """Device `device`, which held no images, brought its own late: `dataset` is this
+        experiment's with the device's training images appended (`own_data.with_report`).
+        ValueError if the device held images already or `dataset` is not this one grown."""
+        start = len(self.dataset.train_y)
+        if self.partition.indices[device] or dataset.owners is None or not torch.equal(
+                dataset.train_y[:start], self.dataset.train_y):
+            raise ValueError(f"device {device}: admit takes a device without images, into "
+                             "the same dataset with its images appended")
+        counts = torch.bincount(dataset.train_y[start:], minlength=self.partition.num_classes)
+        self.partition.indices[device] = list(range(start, len(dataset.train_y)))
+        self.partition.class_counts[device] = counts.tolist()
+        self.schedule.held[device] = set(self.partition.classes(device))
+        # The test set stays the subsampled one of `setup`.
+        self.dataset = replace(self.dataset, train_x=dataset.train_x,
+                               train_y=dataset.train_y, owners=dataset.owners)
+        self.devices, self._on_device, self._cache = [], None, {}  # recomputed when needed
+
     def data(self, device: int) -> DeviceData:
         """A device's data in the current round (`POOLED`: every device's, for `central`)."""
         classes = self.devices[device].classes if device != POOLED else self._contexts
@@ -308,18 +332,22 @@ class Experiment:
         """
         cfg = self.cfg
         start = time.perf_counter()
+        # A deployment samples from the devices that can be reached now (its executor
+        # knows which, and may admit a device that brought its own images late); in process
+        # every device can.
+        reachable = getattr(execute, "reachable", None)
+        pool = reachable() if reachable else range(cfg.devices)
         self.enter_round(rnd)
+        holding = self.holding()
+        held = set(holding)
+        ids = sample_devices(cfg.seed, rnd, [d for d in pool if d in held],
+                             cfg.sampled_per_round())
         strategy.devices = self.device_map
         state = strategy.add_classes(state, self.schedule.model_classes(rnd),
                                      device_seed(cfg.seed, rnd, -2))
-        # A deployment samples from the devices that can be reached now (its executor
-        # knows which); in process every device can.
-        reachable = getattr(execute, "reachable", None)
-        pool = reachable() if reachable else range(cfg.devices)
-        ids = sample_devices(cfg.seed, rnd, pool, cfg.sampled_per_round())
         execute = with_faults(execute or self.runtime(), cfg.faults, cfg.seed, rnd)
         tally = Tally()
-        queries = strategy.configure_query(rnd, state, [d.id for d in self.devices])
+        queries = strategy.configure_query(rnd, state, holding)
         if queries:
             replies = dict(self.screen(rnd, execute(sorted(queries.items())), tally))
             if replies:
@@ -339,11 +367,12 @@ class Experiment:
     def evaluation_devices(self, rnd: int) -> list[int]:
         """The devices whose own models are scored: all, or a seeded sample of
         `eval_devices` of them."""
-        n = len(self.devices)
-        if not self.cfg.eval_devices or self.cfg.eval_devices >= n:
-            return list(range(n))
+        holding = self.holding()
+        if not self.cfg.eval_devices or self.cfg.eval_devices >= len(holding):
+            return holding
         rng = np.random.default_rng([self.cfg.seed, rnd, 0xE7A1])
-        return sorted(rng.choice(n, size=self.cfg.eval_devices, replace=False).tolist())
+        return sorted(rng.choice(np.asarray(holding, dtype=np.int64),
+                                 size=self.cfg.eval_devices, replace=False).tolist())
 
     def evaluate(self, strategy: Strategy, rnd: int, state: State,
                  runtime: Runtime | None = None, score: DeviceScorer | None = None
@@ -511,17 +540,20 @@ def read_metrics(path: Path) -> list[dict]:
 def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = False,
                    dataset: Dataset | None = None,
                    on_round: Callable[[dict], None] | None = None,
-                   execute: Executor | None = None) -> list[dict]:
+                   execute: Executor | None = None,
+                   experiment: Experiment | None = None) -> list[dict]:
     """Run every algorithm of `cfg` into run directory `out`; returns all metric lines.
 
     `execute` runs each round's payloads on the devices (default: in this process).
+    `experiment` is the set-up experiment to run (default: `Experiment.setup(cfg, dataset)`;
+    a Flower executor passes its own, into which devices with their own images join late).
 
     With `resume`, algorithms continue from their last checkpoint, and metric lines written
     after that checkpoint are dropped, so the result equals an uninterrupted run.
     """
     set_threads()
     out.mkdir(parents=True, exist_ok=True)
-    exp = Experiment.setup(cfg, dataset)
+    exp = experiment or Experiment.setup(cfg, dataset)
     (out / "config.toml").write_text(cfg.to_toml())
     exp.partition.save(out / "partition.json")
     if not quiet:
