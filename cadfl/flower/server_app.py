@@ -177,6 +177,9 @@ class FlowerExecutor:
             if CLASSES in identity:
                 self._reported(d, dict(zip(map(str, identity[CLASSES]),
                                            map(int, identity[COUNTS]), strict=True)))
+            elif self.own_data and d not in self.reports:
+                log.warning("node %d holds device %d without a data-dir, in a run on the "
+                            "nodes' own images: not sampled", n, d)
             if self.nodes.get(d, n) != n:
                 log.warning("device %d: now on node %d (was node %d)", d, n, self.nodes[d])
             self.nodes[d] = n
