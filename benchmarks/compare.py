@@ -351,7 +351,8 @@ def report(out: Path, names: list[str], readme: bool) -> None:
              "setting was tuned by `cadfl sweep` into its preset). The runs then train with "
              "the tuned config (a sweep's keeps the validation share out of training; the "
              "digits preset trains on all images) and are scored on the test images. "
-             "Mean ± std over the seeds listed; 'round reaching target' per seed.\n"]
+             "Mean ± std over the seeds listed; 'round reaching target' per seed. Every "
+             "run's metric lines are in its setting's `metrics/` folder.\n"]
     for name in names:
         tab, rows = table(out, name)
         if not rows:
@@ -362,6 +363,11 @@ def report(out: Path, names: list[str], readme: bool) -> None:
             source = RUNS / name / "sweep" / kept
             if source.exists():
                 (out / name / kept).write_bytes(source.read_bytes())
+        # The metric lines behind the table (run directories are not committed).
+        (out / name / "metrics").mkdir(exist_ok=True)
+        for source in sorted((RUNS / name).glob("seed-*/*/metrics.jsonl")):
+            seed, algo = source.parts[-3], source.parts[-2]
+            (out / name / "metrics" / f"{seed}-{algo}.jsonl").write_bytes(source.read_bytes())
         path, overrides = base_config(name)
         sweep_s, runs_s, estimated = setting_wall(name)
         parts.append(f"### {name}\n\n{SETTINGS[name].what}; preset `configs/"
