@@ -1,0 +1,77 @@
+"""benchmarks/compare.py: a setting is swept, run per (seed, algorithm), resumed without
+redoing work, and reported as mean ± std over seeds of the runs' own metric lines."""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import compare  # noqa: E402
+
+from cadfl.sim.config import load_config  # noqa: E402
+
+TINY = compare.Setting(
+    "digits-demo.toml", ("devices=4", "rounds=2", "data_fraction=0.3", "eval_every=1"),
+    ("cad", "fedavg"), (0.05, 0.2), 1, "digits, 4 devices, 2 rounds (a test)")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny setting swept and run once for this module (the last test changes it)."""
+    root = tmp_path_factory.mktemp("compare")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compare, "RUNS", root / "runs")
+        patch.setitem(compare.SETTINGS, "tiny", TINY)
+        compare.run_setting("tiny", [0, 1], root / "out")
+        yield root
+
+
+def lines_of(root: Path, seed: int, algo: str, wall: bool = True) -> list[dict]:
+    path = root / "runs" / "tiny" / f"seed-{seed}" / algo / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return lines if wall else [{k: v for k, v in m.items() if k != "wall_s"} for m in lines]
+
+
+def test_the_table_is_mean_and_std_over_seeds_of_the_runs_metric_lines(tiny):
+    _, rows = compare.table(tiny / "out", "tiny")
+    assert [r["algorithm"] for r in rows] == ["cad", "fedavg"]
+    for r in rows:
+        last = [lines_of(tiny, s, r["algorithm"])[-1]["global_acc"] for s in (0, 1)]
+        best = [max(m["context_acc"] for m in lines_of(tiny, s, r["algorithm"]))
+                for s in (0, 1)]
+        assert r["last_global"] == f"{statistics.mean(last):.3f} ± {statistics.stdev(last):.3f}"
+        assert r["best_context"] == f"{statistics.mean(best):.3f} ± {statistics.stdev(best):.3f}"
+        assert r["seeds"] == [0, 1] and r["lr"] in TINY.lrs
+        tuned = load_config(str(tiny / "runs" / "tiny" / "sweep" / "tuned.toml"))
+        assert r["lr"] == tuned.for_algorithm(r["algorithm"]).train.lr
+    compare.report(tiny / "out", ["tiny"], readme=False)
+    text = (tiny / "out" / "results.md").read_text()
+    assert "### tiny" in text and rows[0]["last_global"] in text
+    assert sorted(p.name for p in (tiny / "out" / "tiny" / "metrics").iterdir()) == [
+        "seed-0-cad.jsonl", "seed-0-fedavg.jsonl", "seed-1-cad.jsonl", "seed-1-fedavg.jsonl"]
+
+
+def test_a_second_call_redoes_nothing_and_a_run_at_another_rate_starts_again(tiny, capsys):
+    before = {(s, a): lines_of(tiny, s, a, wall=False) for s in (0, 1)
+              for a in TINY.algorithms}
+    stale = tiny / "runs" / "tiny" / "seed-1" / "cad"
+    chosen = load_config(str(stale / "config.toml")).train.lr
+    other = next(lr for lr in TINY.lrs if lr != chosen)
+    # As if seed 1's CAD ran before the grid grew and the sweep chose another rate.
+    config = (stale / "config.toml").read_text()
+    (stale / "config.toml").write_text(config.replace(f"lr = {chosen}\n", f"lr = {other}\n", 1))
+    assert load_config(str(stale / "config.toml")).train.lr == other
+    capsys.readouterr()
+    compare.run_setting("tiny", [0, 1], tiny / "out")
+    printed = capsys.readouterr().out
+    assert f"tiny seed 1 cad: run at another learning rate than the sweep's choice {chosen}" \
+        in printed
+    assert printed.count(" seed ") == 2  # that run's restart, nothing else redone
+    assert load_config(str(stale / "config.toml")).train.lr == chosen
+    after = {(s, a): lines_of(tiny, s, a, wall=False) for s in (0, 1)
+             for a in TINY.algorithms}
+    assert after == before  # the restarted run is the same run again
