@@ -364,9 +364,9 @@ def report(out: Path, names: list[str], readme: bool) -> None:
                 (out / name / kept).write_bytes(source.read_bytes())
         # The metric lines behind the table (run directories are not committed).
         (out / name / "metrics").mkdir(exist_ok=True)
-        for source in sorted((RUNS / name).glob("seed-*/*/metrics.jsonl")):
-            seed, algo = source.parts[-3], source.parts[-2]
-            (out / name / "metrics" / f"{seed}-{algo}.jsonl").write_bytes(source.read_bytes())
+        for source in sorted((RUNS / name).glob("seed-*/**/metrics.jsonl")):
+            run = "-".join(source.relative_to(RUNS / name).parent.parts)  # seed-0-cad
+            (out / name / "metrics" / f"{run}.jsonl").write_bytes(source.read_bytes())
         path, overrides = base_config(name)
         sweep_s, runs_s, estimated = setting_wall(name)
         parts.append(f"### {name}\n\n{SETTINGS[name].what}; preset `configs/"
