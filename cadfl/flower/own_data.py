@@ -68,28 +68,30 @@ def run_classes(known: list[str], reports: dict[int, dict[str, int]]) -> list[st
 def server_dataset(run: Dataset, reports: dict[int, dict[str, int]]) -> Dataset:
     """The run's dataset as the server sees devices with their own data: its test set, its
     classes extended by the reported new names, and one training label per image a device
-    reported (`owners`: which device; `with_report`)."""
+    reported (`owners`: which device; `with_reports`)."""
     ds = Dataset(run.name, torch.zeros(0, *run.input_shape, dtype=torch.uint8),
                  torch.zeros(0, dtype=torch.long), run.test_x, run.test_y,
                  run_classes(run.classes, reports), run.mean, run.std, run.crop_padding,
                  run.flip, owners=torch.zeros(0, dtype=torch.long))
-    for d in sorted(reports):
-        ds = with_report(ds, d, reports[d])
-    return ds
+    return with_reports(ds, reports)
 
 
-def with_report(ds: Dataset, device: int, report: dict[str, int]) -> Dataset:
-    """`ds` (a `server_dataset`) with one training label per image device `device` reported
-    appended, owned by it (ValueError for a class name `ds` lacks). The server never has the
-    nodes' images: their places hold a zero image that takes no memory (a broadcast view)."""
-    unknown = sorted(set(report) - set(ds.classes))
+def with_reports(ds: Dataset, reports: dict[int, dict[str, int]]) -> Dataset:
+    """`ds` (a `server_dataset`) with one training label per image each device reported
+    appended, in order of device, then name, owned by that device (ValueError for a class
+    name `ds` lacks). The server never has the nodes' images: their places hold a zero image
+    that takes no memory (a broadcast view)."""
+    unknown = sorted({n for r in reports.values() for n in r} - set(ds.classes))
     if unknown:
         raise ValueError(f"class names {unknown} are not in the run's class list")
-    labels = [ds.classes.index(name) for name in sorted(report) for _ in range(report[name])]
-    y = torch.cat([ds.train_y, torch.tensor(labels, dtype=torch.long)])
-    owners = torch.cat([ds.owners, torch.full((len(labels),), device, dtype=torch.long)])
+    runs = [(d, ds.classes.index(n), reports[d][n]) for d in sorted(reports)
+            for n in sorted(reports[d])]
+    counts = torch.tensor([k for *_, k in runs], dtype=torch.long)
+    labels = torch.tensor([c for _, c, _ in runs], dtype=torch.long).repeat_interleave(counts)
+    owners = torch.tensor([d for d, *_ in runs], dtype=torch.long).repeat_interleave(counts)
+    y = torch.cat([ds.train_y, labels])
     x = torch.zeros(1, *ds.input_shape, dtype=torch.uint8).expand(len(y), *ds.input_shape)
-    return replace(ds, train_x=x, train_y=y, owners=owners)
+    return replace(ds, train_x=x, train_y=y, owners=torch.cat([ds.owners, owners]))
 
 
 def count_scores(counts: dict[str, int]) -> tuple[float, float, float]:

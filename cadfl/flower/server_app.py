@@ -29,7 +29,6 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ..data.datasets import Dataset
 from ..fl.central import POOLED
 from ..fl.device import run_task
 from ..fl.payload import Payload, Update
@@ -39,7 +38,7 @@ from ..sim.config import Config, load_config
 from ..sim.engine import Experiment, run_dataset, run_experiment
 from .client_app import CLASSES, COUNTS, EXPERIMENT, IDENTITY, PARTITION_ID, SCORES
 from .codec import decode_update, encode_payload
-from .own_data import RunData, count_scores, server_dataset, with_report
+from .own_data import RunData, count_scores, server_dataset, with_reports
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.5  # waiting for nodes to connect
@@ -84,8 +83,7 @@ class FlowerExecutor:
         self.nodes: dict[int, int] = {}  # device -> node id
         self.reports: dict[int, dict[str, int]] = {}  # device -> its own images per class
         self.own_data: bool | None = None  # do the nodes hold the images (None: not known yet)
-        self.dataset: Dataset | None = None  # the devices' own data as the server knows it
-        self.experiment: Experiment | None = None  # the engine's, set up from `dataset`
+        self.experiment: Experiment | None = None  # the engine's, from the nodes' reports
         self.run_data = ""  # RunData JSON sent to nodes with their own images
         self._late: dict[int, dict[str, int]] = {}  # reports after the start, not admitted yet
         self._asked: set[int] = set()  # node ids that said which device they hold
@@ -142,12 +140,12 @@ class FlowerExecutor:
             raise FlowerError(f"{', '.join(simulated)}: needs a simulated partition, not the "
                               "nodes' own images")
         run = run_dataset(cfg)
-        self.dataset = server_dataset(run, self.reports)
-        self.experiment = Experiment.setup(cfg, self.dataset)
-        self.run_data = RunData.of(self.dataset, self.experiment.label_space).to_json()
-        for c in range(run.num_classes, self.dataset.num_classes):
+        dataset = server_dataset(run, self.reports)
+        self.experiment = Experiment.setup(cfg, dataset)
+        self.run_data = RunData.of(dataset, self.experiment.label_space).to_json()
+        for c in range(run.num_classes, dataset.num_classes):
             log.info("New Class %r (class id %d): first reported by a node",
-                     self.dataset.classes[c], c)
+                     dataset.classes[c], c)
         missing = sorted(set(range(cfg.devices)) - set(self.reports))
         if missing:
             log.warning("devices %s have not reported images of their own: each takes part "
@@ -201,18 +199,19 @@ class FlowerExecutor:
     def _admit(self, d: int, report: dict[str, int]) -> None:
         """Take device d's late report into the dataset and the engine's experiment (and
         the run directory's partition.json); a class name the run lacks keeps it out."""
-        assert self.dataset is not None and self.experiment is not None
+        exp = self.experiment
+        assert exp is not None  # reports are late only in a run on the nodes' own images
         try:
-            self.dataset = with_report(self.dataset, d, report)
+            grown = with_reports(exp.dataset, {d: report})
         except ValueError as exc:
             log.warning("device %d is not used: %s (new class names must be reported at the "
                         "start of the run)", d, exc)
             return
-        self.experiment.admit(d, self.dataset)
+        exp.admit(d, grown)
         self.reports[d] = report
         log.info("device %d joined with its own images: %s", d, report)
         if self.out is not None:
-            self.experiment.partition.save(self.out / "partition.json")
+            exp.partition.save(self.out / "partition.json")
 
     def reachable(self) -> list[int]:
         """The devices with a node connected now (and, with nodes' own images, reported):
@@ -308,7 +307,7 @@ class FlowerExecutor:
         for d, _ in payloads:
             if d in replies:
                 m = replies[d].content.metric_records[SCORES]
-                if self.dataset is not None:  # counts on the node's own held-out images
+                if self.own_data:  # counts on the node's own held-out images
                     yield d, count_scores({k: int(v) for k, v in m.items()})
                 else:
                     yield d, (float(m["context_acc"]), float(m["others_reject"]),

@@ -228,8 +228,9 @@ class Experiment:
 
     def admit(self, device: int, dataset: Dataset) -> None:
         """Device `device`, which held no images, brought its own late: `dataset` is this
-        experiment's with the device's training images appended (`own_data.with_report`).
-        ValueError if the device held images already or `dataset` is not this one grown."""
+        experiment's with the device's training images appended (`own_data.with_reports`).
+        ValueError if the device held images already or `dataset` is not this one grown
+        (`dataset`'s test set is not used: this experiment keeps its own)."""
         start = len(self.dataset.train_y)
         if self.partition.indices[device] or dataset.owners is None or not torch.equal(
                 dataset.train_y[:start], self.dataset.train_y):
@@ -238,8 +239,9 @@ class Experiment:
         counts = torch.bincount(dataset.train_y[start:], minlength=self.partition.num_classes)
         self.partition.indices[device] = list(range(start, len(dataset.train_y)))
         self.partition.class_counts[device] = counts.tolist()
-        self.schedule.held[device] = set(self.partition.classes(device))
-        # The test set stays the subsampled one of `setup`.
+        part = self.partition
+        self.schedule = Schedule([set(part.classes(d)) for d in range(part.num_devices)],
+                                 self.cfg.context)
         self.dataset = replace(self.dataset, train_x=dataset.train_x,
                                train_y=dataset.train_y, owners=dataset.owners)
         self.devices, self._on_device, self._cache = [], None, {}  # recomputed when needed
@@ -338,16 +340,14 @@ class Experiment:
         reachable = getattr(execute, "reachable", None)
         pool = reachable() if reachable else range(cfg.devices)
         self.enter_round(rnd)
-        holding = self.holding()
-        held = set(holding)
-        ids = sample_devices(cfg.seed, rnd, [d for d in pool if d in held],
+        ids = sample_devices(cfg.seed, rnd, [d for d in pool if self.devices[d].classes],
                              cfg.sampled_per_round())
         strategy.devices = self.device_map
         state = strategy.add_classes(state, self.schedule.model_classes(rnd),
                                      device_seed(cfg.seed, rnd, -2))
         execute = with_faults(execute or self.runtime(), cfg.faults, cfg.seed, rnd)
         tally = Tally()
-        queries = strategy.configure_query(rnd, state, holding)
+        queries = strategy.configure_query(rnd, state, self.holding())
         if queries:
             replies = dict(self.screen(rnd, execute(sorted(queries.items())), tally))
             if replies:
