@@ -13,11 +13,22 @@ block between `<!-- compare:begin -->` and `<!-- compare:end -->` from the same 
     nohup .venv/bin/python benchmarks/compare.py --settings paper-flcnn --seeds 0 1 \\
         --out docs/results/compare > runs/compare.log 2>&1 &
     .venv/bin/python benchmarks/compare.py --report-only --readme --out docs/results/compare
+
+Every run computes at `--precision` (default auto: bf16 on a GPU or a CPU with AMX /
+AVX512-BF16, else fp32); a run made at another precision is started again, and each table
+says the precision its runs used. Run directories live in `runs/NAME-OF-OUT/` (not
+committed); the report reads the metric lines it copied into `OUT/SETTING/metrics/` where
+they are gone, so `--report-only` rebuilds the tables from a clean checkout. A setting whose
+sweep folder is gone but whose choices are committed (`OUT/SETTING/tuned.toml`) is not swept
+again (delete that file to sweep again). `--side-by-side BASE` writes, for the settings
+given, this report's runs against those of the report folder BASE (e.g. fp32 against bf16)
+into docs/results.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import statistics
@@ -31,12 +42,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cadfl.fl import ALGORITHMS  # noqa: E402
+from cadfl.fl.precision import PRECISIONS, resolve_precision  # noqa: E402
+from cadfl.runtime import resolve_device  # noqa: E402
 from cadfl.sim.config import Config, config_from_dict, load_config  # noqa: E402
 from cadfl.sim.engine import read_metrics, run_experiment  # noqa: E402
 from cadfl.sim.sweep import run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = ROOT / "runs" / "compare"  # run directories (checkpoints: not committed)
+RUNS = ROOT / "runs" / "compare"  # run directories of the default OUT (not committed)
 PEERS = ["cad", "fed2", "heterofl", "fedrolex", "fedavg", "fedprox", "scaffold", "fedper",
          "fedrep", "ditto", "local"]
 
@@ -88,37 +101,47 @@ SETTINGS = {
 
 
 def base_config(name: str, extra: tuple[str, ...] = ()) -> tuple[str, list[str]]:
-    """The preset path and overrides of a setting."""
+    """The preset path and overrides of a setting (`extra` last)."""
     s = SETTINGS[name]
     algos = "[" + ", ".join(f'"{a}"' for a in s.algorithms) + "]"
     return str(ROOT / "configs" / s.preset), [*s.overrides, f"algorithms={algos}", *extra]
 
 
-def plan(names: list[str], seeds: int) -> None:
-    """Time one round of every algorithm per setting and print the estimated cost."""
+def plan(names: list[str], seeds: int, precision: str = "auto", rounds: int = 1) -> None:
+    """Time `rounds` rounds of every algorithm per setting at `precision` and print the mean
+    training time of a round and the estimated cost."""
     total = 0.0
     for name in names:
         s = SETTINGS[name]
-        path, overrides = base_config(name)
+        path, overrides = base_config(name, (f'precision="{precision}"',))
         cfg = load_config(path, overrides)
         out = ROOT / "runs" / "compare-plan" / name
-        lines = run_experiment(load_config(path, [*overrides, "rounds=1", "eval_every=1"]),
-                               out, quiet=True)
-        per_round = {m["algorithm"]: m["wall_s"] for m in lines}
+        lines = run_experiment(load_config(path, [*overrides, f"rounds={rounds}",
+                                                  f"eval_every={rounds}"]), out, quiet=True)
+        per_round = {a: statistics.mean(m["wall_s"] for m in lines if m["algorithm"] == a)
+                     for a in dict.fromkeys(m["algorithm"] for m in lines)}
         rounds = len(s.lrs) * s.sweep_rounds + seeds * cfg.rounds
         cost = sum(per_round.values()) * rounds
         total += cost
-        print(f"{name}: one round " + ", ".join(f"{a} {t:.1f}s" for a, t in per_round.items()))
+        times = ", ".join(f"{a} {t:.2f}s" for a, t in per_round.items())
+        print(f"{name} at {lines[0]['precision']}: one round ({rounds} timed) {times}; all "
+              f"{sum(per_round.values()):.1f}s")
         print(f"  {len(s.lrs)} lrs x {s.sweep_rounds} sweep rounds + {seeds} seeds x "
               f"{cfg.rounds} rounds: about {cost / 60:.0f} min (evaluation not counted)")
     print(f"all: about {total / 3600:.1f} h")
 
 
-def run_setting(name: str, seeds: list[int], out: Path) -> None:
-    """Sweep, then every (seed, algorithm), each resumable."""
+def run_setting(name: str, seeds: list[int], out: Path, precision: str = "auto") -> None:
+    """Sweep, then every (seed, algorithm), each resumable, all at `precision`."""
     s = SETTINGS[name]
-    path, overrides = base_config(name)
-    if s.sweep_rounds:
+    at = (f'precision="{precision}"',)
+    path, overrides = base_config(name, at)
+    committed = out / name / "tuned.toml"
+    if s.sweep_rounds and not (RUNS / name / "sweep").exists() and committed.exists():
+        print(f"{name}: the sweep's committed choices {committed} (delete it to sweep again)",
+              flush=True)
+        tuned = load_config(str(committed), list(at))
+    elif s.sweep_rounds:
         print(f"{time.strftime('%H:%M:%S')} {name}: sweep", flush=True)
         tuned = _timed(RUNS / name / "sweep", run_sweep, path, overrides,
                        [("train.lr", list(s.lrs))], s.sweep_rounds, RUNS / name / "sweep",
@@ -129,10 +152,10 @@ def run_setting(name: str, seeds: list[int], out: Path) -> None:
         for algo in s.algorithms:
             run_dir = RUNS / name / f"seed-{seed}" / algo
             cfg = _single(tuned, algo, seed)
-            if _other_lr(run_dir, cfg):
-                print(f"{time.strftime('%H:%M:%S')} {name} seed {seed} {algo}: run at another "
-                      f"learning rate than the sweep's choice {cfg.train.lr}: started again",
-                      flush=True)
+            stale = _stale(run_dir, cfg)
+            if stale:
+                print(f"{time.strftime('%H:%M:%S')} {name} seed {seed} {algo}: run at {stale}: "
+                      "started again", flush=True)
                 shutil.rmtree(run_dir)
             done = read_metrics(run_dir / "metrics.jsonl")
             if len(done) >= cfg.rounds and (run_dir / "summary.md").exists():
@@ -155,10 +178,15 @@ def _timed(where: Path, fn, *args, **kwargs):
         record.write_text(f"{spent + time.perf_counter() - start:.1f}\n")
 
 
-def setting_wall(name: str) -> tuple[float, float, bool]:
+def setting_wall(out: Path, name: str) -> tuple[float, float, bool]:
     """Wall-clock seconds of a setting's sweep and of its runs on this machine, and whether
     part of it is estimated: runs from before compare.py timed them count from their first
-    file to their summary's modification time."""
+    file to their summary's modification time. Kept in `out/name/wall.json` for when the run
+    directories are gone."""
+    kept = out / name / "wall.json"
+    if not (RUNS / name).exists() and kept.exists():
+        record = json.loads(kept.read_text())
+        return record["sweep_s"], record["runs_s"], record["estimated"]
     sweep = runs = 0.0
     estimated = False
     for summary in (RUNS / name).glob("**/summary.md"):
@@ -175,6 +203,9 @@ def setting_wall(name: str) -> tuple[float, float, bool]:
             spent, _ = _run_wall(summary.parent)
             sweep += spent
             estimated = True
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps({"sweep_s": round(sweep, 1), "runs_s": round(runs, 1),
+                                "estimated": estimated}) + "\n")
     return sweep, runs, estimated
 
 
@@ -186,11 +217,19 @@ def _run_wall(run_dir: Path) -> tuple[float, bool]:
     return (run_dir / "summary.md").stat().st_mtime - first, True
 
 
-def _other_lr(run_dir: Path, cfg: Config) -> bool:
-    """Whether `run_dir` holds a run of `cfg` at another learning rate (a sweep whose grid
-    grew chose another one since)."""
+def _stale(run_dir: Path, cfg: Config) -> str | None:
+    """What makes the run in `run_dir` another than `cfg`'s, if anything: another learning
+    rate (a sweep whose grid grew chose another one since) or another precision."""
     saved = run_dir / "config.toml"
-    return saved.exists() and load_config(str(saved)).train.lr != cfg.train.lr
+    if not saved.exists():
+        return None
+    ran = load_config(str(saved))
+    if ran.train.lr != cfg.train.lr:
+        return f"another learning rate than the sweep's choice {cfg.train.lr}"
+    wanted = resolve_precision(cfg.precision, resolve_device(cfg.device))
+    if ran.precision != wanted:
+        return f"another precision ({ran.precision}) than {wanted}"
+    return None
 
 
 def _single(tuned: Config, algo: str, seed: int) -> Config:
@@ -208,23 +247,30 @@ def _mean_std(values: list[float]) -> str:
 
 
 def collect(out: Path, name: str) -> dict[str, dict[int, list[dict]]]:
-    """Metric lines per algorithm and seed of a setting's finished runs."""
+    """Metric lines per algorithm and seed of a setting's finished runs (where the run
+    directories are gone, the copies the report keeps in `out/name/metrics/`)."""
     found: dict[str, dict[int, list[dict]]] = {}
-    for summary in sorted((RUNS / name).glob("seed-*/**/summary.md")):
-        seed = int(summary.relative_to(RUNS / name).parts[0].split("-")[1])
-        for m in read_metrics(summary.parent / "metrics.jsonl"):
+    summaries = sorted((RUNS / name).glob("seed-*/**/summary.md"))
+    files = ([(int(p.relative_to(RUNS / name).parts[0].split("-")[1]), p.parent / "metrics.jsonl")
+              for p in summaries] if summaries else
+             [(int(p.stem.split("-")[1]), p) for p in sorted((out / name).glob("metrics/seed-*"))])
+    for seed, path in files:
+        for m in read_metrics(path):
             found.setdefault(m["algorithm"], {}).setdefault(seed, []).append(m)
     return found
 
 
-def _run_config(name: str, algo: str) -> Config:
+def _run_config(out: Path, name: str, algo: str) -> Config:
     """The config an algorithm of the setting ran with (its own run directory's, or the
-    shared one of a run of several algorithms)."""
+    shared one of a run of several algorithms; where they are gone, the committed sweep's
+    tuned config or the preset)."""
     for path in sorted((RUNS / name).glob("seed-*/**/config.toml")):
         cfg = load_config(path)
         if algo in cfg.algorithms:
             return cfg
-    raise FileNotFoundError(f"no run of {algo} in {RUNS / name}")
+    if (out / name / "tuned.toml").exists():
+        return load_config(str(out / name / "tuned.toml"))
+    return load_config(*base_config(name))
 
 
 def table(out: Path, name: str) -> tuple[str, list[dict]]:
@@ -237,7 +283,7 @@ def table(out: Path, name: str) -> tuple[str, list[dict]]:
             continue
         per_seed = runs[algo]
         first = next(iter(per_seed.values()))
-        cfg = _run_config(name, algo)
+        cfg = _run_config(out, name, algo)
 
         def pick(key: str, how, per_seed=per_seed) -> list[float]:
             return [how([m[key] for m in lines if m[key] is not None] or [math.nan])
@@ -370,10 +416,13 @@ def report(out: Path, names: list[str], readme: bool) -> None:
             run = "-".join(source.relative_to(RUNS / name).parent.parts)  # seed-0-cad
             (out / name / "metrics" / f"{run}.jsonl").write_bytes(source.read_bytes())
         path, overrides = base_config(name)
-        sweep_s, runs_s, estimated = setting_wall(name)
+        sweep_s, runs_s, estimated = setting_wall(out, name)
+        precisions = sorted({m.get("precision", "fp32") for seeds in collect(out, name).values()
+                             for lines in seeds.values() for m in lines})
         parts.append(f"### {name}\n\n{SETTINGS[name].what}; preset `configs/"
                      f"{SETTINGS[name].preset}` with `{' '.join(overrides)}`; seeds "
-                     f"{sorted({s for r in rows for s in r['seeds']})}. Wall time on this "
+                     f"{sorted({s for r in rows for s in r['seeds']})}; precision "
+                     f"{', '.join(precisions)}. Wall time on this "
                      f"2-core CPU: {f'sweep {sweep_s / 60:.0f} min, ' if sweep_s else ''}runs "
                      f"{runs_s / 60:.0f} min"
                      f"{' (estimated from file times)' if estimated else ''}.\n\n{tab}\n\n"
@@ -389,9 +438,55 @@ def report(out: Path, names: list[str], readme: bool) -> None:
             _replace_block(doc, block)
 
 
-def _replace_block(doc: Path, block: str) -> None:
-    """Put `block` between the compare markers of `doc` (nothing if it has none)."""
-    begin, end = "<!-- compare:begin -->", "<!-- compare:end -->"
+def side_by_side(base: Path, out: Path, name: str) -> str:
+    """A markdown table of setting `name`: each algorithm's last accuracies and training
+    seconds per round in the report folder `base` against those in `out` (each mean ± std
+    over its seeds), whether the last accuracies of `out` lie within the spread of `base`'s
+    seeds (min to max), and the speed-up of the training time per round."""
+    global RUNS
+    runs, RUNS = RUNS, ROOT / "runs" / base.name
+    try:
+        before = collect(base, name)
+    finally:
+        RUNS = runs
+    after = collect(out, name)
+
+    def last(lines: list[dict], key: str) -> float:
+        return [m[key] for m in lines if m[key] is not None][-1]
+
+    def label(per_seed: dict[int, list[dict]]) -> str:
+        return ", ".join(sorted({m.get("precision", "fp32") for lines in per_seed.values()
+                                 for m in lines}))
+
+    rows = []
+    for algo in SETTINGS[name].algorithms:
+        if algo not in before or algo not in after:
+            continue
+        cells, inside = [], []
+        for key in ("global_acc", "context_acc"):
+            if all(m[key] is None for lines in before[algo].values() for m in lines):
+                cells += ["-", "-"]  # a personalised algorithm has no global model
+                continue
+            a = [last(v, key) for v in before[algo].values()]
+            b = [last(v, key) for v in after[algo].values()]
+            cells += [_mean_std(a), _mean_std(b)]
+            inside.append(all(min(a) <= v <= max(a) for v in b))
+        wall = [statistics.mean(statistics.mean(m["wall_s"] for m in lines)
+                                for lines in found[algo].values()) for found in (before, after)]
+        rows.append(f"| {algo} | {' | '.join(cells)} | {'yes' if all(inside) else 'no'} | "
+                    f"{wall[0]:.2f} | {wall[1]:.2f} | {wall[0] / wall[1]:.2f}x |")
+    if not rows:
+        return f"### {name}\n\nNo runs in both {base} and {out}.\n"
+    a, b = label(before[next(iter(before))]), label(after[next(iter(after))])
+    return (f"### {name}: {a} ({base.name}) against {b} ({out.name})\n\n"
+            f"| algorithm | last global {a} | last global {b} | last context {a} | "
+            f"last context {b} | {b} within {a}'s seed spread | train s/round {a} | "
+            f"train s/round {b} | speed-up |\n|" + "---|" * 9 + "\n" + "\n".join(rows) + "\n")
+
+
+def _replace_block(doc: Path, block: str, marker: str = "compare") -> None:
+    """Put `block` between the `marker` markers of `doc` (nothing if it has none)."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     text = doc.read_text()
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
@@ -403,18 +498,30 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "compare")
-    parser.add_argument("--plan", action="store_true", help="time one round, estimate cost")
+    parser.add_argument("--plan", action="store_true", help="time rounds, estimate cost")
+    parser.add_argument("--plan-rounds", type=int, default=1, help="rounds --plan times")
     parser.add_argument("--report-only", action="store_true", help="only write the report")
     parser.add_argument("--readme", action="store_true", help="regenerate the README block")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="how devices compute (default auto: bf16 where it is fast)")
+    parser.add_argument("--side-by-side", type=Path, metavar="BASE",
+                        help="also write the settings' runs against those of the report folder "
+                             "BASE into docs/results.md (e.g. BASE at fp32, OUT at bf16)")
     args = parser.parse_args()
+    global RUNS
+    RUNS = ROOT / "runs" / args.out.name  # runs/compare for the default OUT
     if args.plan:
-        plan(args.settings, len(args.seeds))
+        plan(args.settings, len(args.seeds), args.precision, args.plan_rounds)
         return
     if not args.report_only:
         for name in args.settings:
-            run_setting(name, args.seeds, args.out)
+            run_setting(name, args.seeds, args.out, args.precision)
             report(args.out, args.settings, args.readme)
     report(args.out, args.settings, args.readme)
+    if args.side_by_side:
+        block = "\n".join(side_by_side(args.side_by_side, args.out, name)
+                          for name in args.settings)
+        _replace_block(ROOT / "docs" / "results.md", block, "side-by-side")
 
 
 if __name__ == "__main__":

@@ -55,21 +55,23 @@ def synthetic_dataset(input_shape: tuple[int, int, int], train: int, test: int,
 
 
 def bare_train(model: torch.nn.Module, xf: torch.Tensor, y: torch.Tensor, train: TrainConfig,
-               crop_padding: int, flip: bool, seed: int) -> None:
+               crop_padding: int, flip: bool, seed: int, precision: str = "fp32") -> None:
     """Local SGD as a plain PyTorch loop on pre-normalised inputs: shuffled, augmented batches,
-    the same seeds as the engine's device code."""
+    the same seeds as the engine's device code; forward and loss under bf16 autocast with
+    `precision` "bf16"."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
                           weight_decay=train.weight_decay)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # dropout
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(xf.device).manual_seed(seed)
         for _ in range(train.epochs):
-            order = torch.randperm(len(y), generator=gen)
+            order = torch.randperm(len(y), generator=gen, device=xf.device)
             for start in range(0, len(y), train.batch_size):
                 idx = order[start:start + train.batch_size]
                 xb = random_crop_flip(xf[idx], crop_padding, flip, gen)
-                loss = F.cross_entropy(model(xb), y[idx])
+                with torch.autocast(xf.device.type, torch.bfloat16, enabled=precision == "bf16"):
+                    loss = F.cross_entropy(model(xb).float(), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -23,6 +23,23 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def _add_precision(p: argparse.ArgumentParser, default: str | None) -> None:
+    """The --precision option (default None: the config's `precision`)."""
+    from .fl.precision import PRECISIONS
+
+    said = f"default {default}" if default else "default: the config's precision, fp32 if unset"
+    p.add_argument("--precision", choices=PRECISIONS, default=default,
+                   help="how the model computes: fp32, bf16 (bfloat16 autocast; weights stay "
+                   "float32) or auto (bf16 where the device runs it fast: a GPU with bf16, a "
+                   f"CPU with AMX or AVX512-BF16); {said}")
+
+
+def _with_precision(args: argparse.Namespace) -> list[str]:
+    """The --set overrides of `args`, with --precision (when given) last."""
+    given = [f'precision="{args.precision}"'] if args.precision else []
+    return [*args.overrides, *given]
+
+
 def _add_profile(sub: argparse._SubParsersAction) -> None:
     from .models import MODELS
 
@@ -106,6 +123,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--flower-gpus", type=float, default=0.0, metavar="SHARE",
                    help="--engine flower: the share of a GPU each ClientApp gets (e.g. 0.25: "
                    "four per GPU); 0 (default) hides GPUs from the clients")
+    _add_precision(p, None)
     p.set_defaults(handler=_cmd_run)
 
 
@@ -118,9 +136,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .sim.engine import run_experiment
 
     if args.resume:
-        if args.config or args.overrides or args.out:
+        if args.config or args.overrides or args.out or args.precision:
             raise UserError("--resume DIR continues a run with its own config.toml; "
-                            "CONFIG, --set and --out cannot be combined with it")
+                            "CONFIG, --set, --precision and --out cannot be combined with it")
         out = Path(args.resume)
         if not (out / "config.toml").exists():
             raise UserError(f"{out} is not a run directory (no config.toml)")
@@ -128,7 +146,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         data_dir = [f"data_dir={json.dumps(args.data_dir)}"] if args.data_dir else []
         cfg = load_config(out / "config.toml", data_dir)
     else:
-        overrides = list(args.overrides)
+        overrides = _with_precision(args)
         if args.data_dir:
             overrides.append(f"data_dir={json.dumps(args.data_dir)}")
         cfg = load_config(args.config, overrides)
@@ -179,6 +197,7 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/filters/NAME)")
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (CUDA if there is one), cpu, cuda, cuda:N")
+    _add_precision(p, "fp32")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_visualize)
 
@@ -213,6 +232,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/analysis/NAME)")
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (CUDA if there is one), cpu, cuda, cuda:N")
+    _add_precision(p, "fp32")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_analyze)
 
@@ -319,6 +339,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of CONFIG for every run (as for cadfl run)")
     p.add_argument("--out", metavar="DIR", help="sweep folder (default: runs/sweep-TIMESTAMP)")
+    _add_precision(p, None)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=_cmd_sweep)
 
@@ -332,7 +353,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise UserError(f"--rounds {args.rounds}: give at least 1")
     out = Path(args.out or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = run_sweep(args.config, args.overrides, parse_grid(args.grid), args.rounds, out,
+    result = run_sweep(args.config, _with_precision(args), parse_grid(args.grid), args.rounds, out,
                        quiet=args.quiet)
     print_table(result)
     print(f"\nsweep folder: {out}  (sweep.md, heatmap.png; tuned config: {out / 'tuned.toml'})")

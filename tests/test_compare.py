@@ -55,6 +55,18 @@ def test_the_table_is_mean_and_std_over_seeds_of_the_runs_metric_lines(tiny):
         "seed-0-cad.jsonl", "seed-0-fedavg.jsonl", "seed-1-cad.jsonl", "seed-1-fedavg.jsonl"]
 
 
+def test_the_report_is_rebuilt_from_its_copies_when_the_run_directories_are_gone(tiny,
+                                                                              monkeypatch):
+    compare.report(tiny / "out", ["tiny"], readme=False)
+    before = (tiny / "out" / "results.md").read_text()
+    assert "precision " in before
+    monkeypatch.setattr(compare, "RUNS", tiny / "gone")  # a clean checkout: no runs/
+    compare.report(tiny / "out", ["tiny"], readme=False)
+    assert (tiny / "out" / "results.md").read_text() == before
+    table = compare.side_by_side(tiny / "out", tiny / "out", "tiny")
+    assert table.count("| yes |") == 2 and table.count("| 1.00x |") == 2
+
+
 def test_a_second_call_redoes_nothing_and_a_run_at_another_rate_starts_again(tiny, capsys):
     before = {(s, a): lines_of(tiny, s, a, wall=False) for s in (0, 1)
               for a in TINY.algorithms}
@@ -75,3 +87,18 @@ def test_a_second_call_redoes_nothing_and_a_run_at_another_rate_starts_again(tin
     after = {(s, a): lines_of(tiny, s, a, wall=False) for s in (0, 1)
              for a in TINY.algorithms}
     assert after == before  # the restarted run is the same run again
+
+
+def test_a_run_at_another_precision_starts_again(tiny, capsys):
+    run = tiny / "runs" / "tiny" / "seed-0" / "fedavg"
+    config = (run / "config.toml").read_text()
+    ran = load_config(str(run / "config.toml")).precision
+    other = "fp32" if ran == "bf16" else "bf16"
+    (run / "config.toml").write_text(config.replace(f'precision = "{ran}"',
+                                                    f'precision = "{other}"'))
+    capsys.readouterr()
+    compare.run_setting("tiny", [0], tiny / "out", precision=ran)
+    printed = capsys.readouterr().out
+    assert "tiny seed 0 fedavg: run at another precision" in printed
+    assert printed.count(" seed ") == 1
+    assert load_config(str(run / "config.toml")).precision == ran

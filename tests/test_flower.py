@@ -216,6 +216,19 @@ def test_flower_protocol_reproduces_the_engine_exactly(tmp_path, digits):
     assert grid.sent == cfg.devices + 2 * cfg.rounds * cfg.devices
 
 
+def test_the_client_app_computes_at_the_runs_precision(tmp_path, digits):
+    """bf16 through the ServerApp path and the real ClientApp gives the engine's bf16 metric
+    lines exactly, and they are not the fp32 ones."""
+    cfg = small('algorithms=["fedavg", "fedper"]', 'precision="bf16"')
+    own = run_experiment(cfg, tmp_path / "own", quiet=True, dataset=digits)
+    via, _ = run_on_loopback(cfg, tmp_path / "flower", digits)
+    assert without_wall(via) == without_wall(own)
+    assert {m["precision"] for m in via} == {"bf16"}
+    fp32 = run_experiment(small('algorithms=["fedavg", "fedper"]'), tmp_path / "fp32",
+                          quiet=True, dataset=digits)
+    assert [m["train_loss"] for m in fp32] != [m["train_loss"] for m in via]
+
+
 @pytest.mark.parametrize("overrides", [
     ['algorithms=["local", "fedavg"]'],
     ['algorithms=["cad", "fedavg"]', "bn=keep_local"],

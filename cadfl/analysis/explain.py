@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..cad.decouple import decouple
 from ..data.datasets import load_dataset
+from ..fl.precision import resolve_precision
 from ..models import ModelSpec, build_loaded
 from ..report.interpret import critical_paths, filter_grid, preference_heatmap, selectivity_plot
 from ..runtime.compute import resolve_device
@@ -45,12 +46,14 @@ def visualize_command(args: argparse.Namespace) -> int:
     filters = args.filters if args.filters else list(range(min(16, width)))
     if any(not 0 <= f < width for f in filters):
         raise ValueError(f"filters must be in 0..{width - 1} for {args.layer}")
-    model = build_loaded(spec, state, _compute(args))
+    dev = _compute(args)
+    model = build_loaded(spec, state, dev)
+    precision = resolve_precision(args.precision, dev)
     reg = Regularizer(decay=args.decay, blur_every=args.blur_every, blur_sigma=args.blur_sigma,
                       jitter=args.jitter)
     with tqdm(total=args.steps, desc=f"maximising {args.layer}", disable=args.quiet) as bar:
         images = maximize(model, spec, args.layer, filters, ds.mean, ds.std, steps=args.steps,
-                          eta=args.eta, reg=reg, progress=bar.update)
+                          eta=args.eta, reg=reg, progress=bar.update, precision=precision)
     out = _out_dir(args, ckpt, "filters")
     path = out / f"filters-{args.layer}.png"
     filter_grid(images, [f"filter {f}" for f in filters], path,
@@ -61,9 +64,11 @@ def visualize_command(args: argparse.Namespace) -> int:
 
 def analyze_spec(spec: ModelSpec, state: dict, x: torch.Tensor, y: torch.Tensor,
                  num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 threshold: float) -> dict:
-    """Class means per layer, selectivity per layer, and the suggested decoupling depth."""
-    sums, counts = class_activation_sums(spec, state, x, y, num_classes, mean, std)
+                 threshold: float, precision: str = "fp32") -> dict:
+    """Class means per layer, selectivity per layer, and the suggested decoupling depth, with
+    the activations computed at `precision`."""
+    sums, counts = class_activation_sums(spec, state, x, y, num_classes, mean, std,
+                                         precision=precision)
     means = class_means(sums, counts)
     sel = {name: selectivity(m) for name, m in means.items()}
     convs = [n for n in sel if spec.layer(n).kind == "conv"]
@@ -92,7 +97,8 @@ def analyze_command(args: argparse.Namespace) -> int:
     n = min(args.samples, len(ds.test_y))
     dev = _compute(args)
     result = analyze_spec(spec, state, ds.test_x[:n].to(dev), ds.test_y[:n].to(dev),
-                          ds.num_classes, ds.mean, ds.std, args.threshold)
+                          ds.num_classes, ds.mean, ds.std, args.threshold,
+                          resolve_precision(args.precision, dev))
     result["means"] = {k: v.cpu() for k, v in result["means"].items()}
     out = _out_dir(args, ckpt, "analysis")
     for name, m in tqdm(result["means"].items(), desc="heatmaps", disable=args.quiet):

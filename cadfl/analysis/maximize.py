@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fl.precision import autocast
 from ..models import ModelSpec
 
 
@@ -64,13 +65,14 @@ def filter_responses(model: nn.Sequential, index: int, x: torch.Tensor) -> torch
 def maximize(model: nn.Sequential, spec: ModelSpec, layer: str, filters: list[int],
              mean: tuple[float, ...], std: tuple[float, ...], steps: int = 100,
              eta: float = 1.0, reg: Regularizer = Regularizer(), seed: int = 0,
-             progress=None) -> torch.Tensor:
+             progress=None, precision: str = "fp32") -> torch.Tensor:
     """Images (len(filters), C, H, W) in [0, 1], image i maximising filter `filters[i]`.
 
     `eta` is the step size on the gradient normalised to unit mean magnitude, in units of the
     data's standard deviation. `progress`, if given, is called once per step. The images are
     computed where the model is; the random draws come from a CPU generator, so the starting
-    images and shifts are the same on every device. Returned on the CPU.
+    images and shifts are the same on every device. The forward pass runs at `precision`
+    (`cadfl.fl.precision`); the images and their updates stay float32. Returned on the CPU.
     """
     index = response_module(spec, layer)
     model.eval()
@@ -86,7 +88,8 @@ def maximize(model: nn.Sequential, spec: ModelSpec, layer: str, filters: list[in
         dx, dy = (torch.randint(-reg.jitter, reg.jitter + 1, (2,), generator=g).tolist()
                   if reg.jitter else (0, 0))
         xj = torch.roll(x, (dy, dx), dims=(2, 3)).requires_grad_(True)
-        response = filter_responses(model, index, xj)[rows, target].sum()
+        with autocast(precision, dev):
+            response = filter_responses(model, index, xj)[rows, target].float().sum()
         (grad,) = torch.autograd.grad(response, xj)
         grad = torch.roll(grad, (-dy, -dx), dims=(2, 3))
         scale = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)

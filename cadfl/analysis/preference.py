@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..data.augment import to_float
+from ..fl.precision import autocast
 from ..models import ModelSpec, build_loaded
 
 Sums = dict[str, torch.Tensor]
@@ -36,13 +37,13 @@ def activation_layers(spec: ModelSpec) -> dict[str, int]:
 
 def class_activation_sums(spec: ModelSpec, state: dict[str, torch.Tensor], x: torch.Tensor,
                           y: torch.Tensor, num_classes: int, mean: tuple[float, ...],
-                          std: tuple[float, ...], batch_size: int = 500
-                          ) -> tuple[Sums, torch.Tensor]:
+                          std: tuple[float, ...], batch_size: int = 500,
+                          precision: str = "fp32") -> tuple[Sums, torch.Tensor]:
     """Per-class sums (K, F) of every filter's mean post-ReLU activation, and class counts (K,).
 
-    `x` are uint8 images, `y` global labels; the model runs where `x` is and the sums stay
-    there. Sums are float64 so that devices' sums add up exactly enough to be merged in the
-    cloud.
+    `x` are uint8 images, `y` global labels; the model runs where `x` is, at `precision`
+    (`cadfl.fl.precision`), and the sums stay there. Sums are float64 so that devices' sums
+    add up exactly enough to be merged in the cloud.
     """
     model = build_loaded(spec, state, x.device).eval()
     layers = activation_layers(spec)
@@ -53,7 +54,7 @@ def class_activation_sums(spec: ModelSpec, state: dict[str, torch.Tensor], x: to
         lambda _m, _i, out, name=name: captured.__setitem__(name, out))
         for name, j in layers.items()]
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(precision, x.device):
             for start in range(0, len(x), batch_size):
                 yb = y[start:start + batch_size]
                 model(to_float(x[start:start + batch_size], mean, std))

@@ -44,12 +44,16 @@ def crop_flip(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor,
     rows = dy + torch.arange(h, device=dy.device)
     # One gather on the flattened padded image beats two per-axis gathers or 4-d fancy
     # indexing by 2-4x on CPU (about 0.3 ms for 64x3x32x32 on one core).
-    index = (rows[:, :, None] * wp + cols[:, None, :]).to(x.device).view(b, 1, h * w)
-    padded = F.pad(x, (padding, padding, padding, padding)).reshape(b, c, hp * wp)
-    out = padded.gather(2, index.expand(b, c, h * w)).view(b, c, h, w)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+    index = (rows[:, :, None] * wp + cols[:, None, :]).to(x.device)
+    padded = F.pad(x, (padding, padding, padding, padding))
+    if x.is_contiguous(memory_format=torch.channels_last):
+        # Gathered as (B, H*W, C) pixels of the padded image's own memory: the output is
+        # channels-last as it stands, with no conversion copy.
+        pixels = padded.permute(0, 2, 3, 1).reshape(b, hp * wp, c)
+        out = pixels.gather(1, index.view(b, h * w, 1).expand(b, h * w, c))
+        return out.view(b, h, w, c).permute(0, 3, 1, 2)
+    out = padded.reshape(b, c, hp * wp).gather(2, index.view(b, 1, h * w).expand(b, c, h * w))
+    return out.view(b, c, h, w)
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, flip: bool,

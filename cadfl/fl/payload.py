@@ -35,6 +35,9 @@ class TrainConfig:
       control variate in the payload (`control/`) and the device's own (`own_control/`).
     - `mask_absent`: cross-entropy over the logits of the classes the device holds only
       (HeteroFL's label split).
+
+    `precision` ("fp32" or "bf16", `cadfl.fl.precision`) is how the device computes; it
+    changes neither what is trained nor what is sent.
     """
 
     epochs: int = 1
@@ -51,6 +54,7 @@ class TrainConfig:
     personal_lambda: float = 0.0
     control: bool = False
     mask_absent: bool = False
+    precision: str = "fp32"
 
     def to_dict(self) -> dict:
         """Plain dict form (for payload transport and run configs)."""

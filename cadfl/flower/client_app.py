@@ -138,7 +138,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     runtime, device, exp, own, run = node_runtime(msg, context)
     state = runtime.own_state(device, payload)
     if own is not None:
-        record = MetricRecord(own.score(payload.spec, state, run))
+        record = MetricRecord(own.score(payload.spec, state, run, payload.config.precision))
     else:
         scores = exp.score_device(device, payload.spec, state)
         record = MetricRecord(dict(zip(("context_acc", "others_reject", "others_in_acc"),

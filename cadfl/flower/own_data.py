@@ -129,8 +129,10 @@ class NodeData:
         return DeviceData(ds.train_x, self._ids(run)[ds.train_y], run.labels, tuple(run.mean),
                           tuple(run.std), run.crop_padding, run.flip)
 
-    def score(self, spec: ModelSpec, state: State, run: RunData) -> dict[str, int]:
-        """Counts of the device's model on the held-out images of its classes: `correct`
+    def score(self, spec: ModelSpec, state: State, run: RunData, precision: str = "fp32"
+              ) -> dict[str, int]:
+        """Counts of the device's model, run at `precision`, on the held-out images of its
+        classes: `correct`
         (argmax over its classes), `correct_with_others` (Others among the answers; -1
         when the model has no Others output) and `total`."""
         ids = self._ids(run)
@@ -138,7 +140,8 @@ class NodeData:
         y = ids[self.folder.test_y]
         inside = torch.isin(y, torch.tensor(classes))
         x, y = self.folder.test_x[inside], y[inside]
-        logits = predict(spec, state, x, tuple(run.mean), tuple(run.std))
+        logits = predict(spec, state, x, tuple(run.mean), tuple(run.std),
+                         precision=precision)
         other = len(run.classes)  # Others' label: one past the classes (if the run has it)
 
         def correct(answers: tuple[int, ...]) -> int:

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from ..data.augment import crop_flip, crop_flip_draws
 from ..fl.device import DeviceData, own_samples, train_flops_per_sample
 from ..fl.payload import Payload, TrainConfig, Update
+from ..fl.precision import autocast
 from ..models import Layer, ModelSpec
 
 BN_MOMENTUM = 0.1  # torch's BatchNorm2d defaults, as `build_model` creates them
@@ -244,9 +245,10 @@ class _Trainer:
                           self.dx[:k, t, :b].T.reshape(-1, 1), mirror)
         x = x.reshape(b, -1, *x.shape[-2:]).contiguous(memory_format=torch.channels_last)
         weight = self.weight[:k, t, :b]  # (k, b)
-        logits = self._forward(x, k, leaves, None if self.full[t] else weight > 0)
-        ce = F.cross_entropy(logits.reshape(k * b, -1), self.labels[:k, t, :b].reshape(-1),
-                             reduction="none").view(k, b)
+        with autocast(self.cfg.precision, self.dev):
+            logits = self._forward(x, k, leaves, None if self.full[t] else weight > 0)
+            ce = F.cross_entropy(logits.reshape(k * b, -1).float(),
+                                 self.labels[:k, t, :b].reshape(-1), reduction="none").view(k, b)
         per_job = (ce * weight).sum(1)
         per_job.sum().backward()
         with torch.no_grad():
@@ -309,7 +311,7 @@ class _Trainer:
             return F.batch_norm(x, mean_run.view(-1), var_run.view(-1), w.reshape(-1),
                                 bias.reshape(-1), True, BN_MOMENTUM, BN_EPS)
         b, _, h, wd = x.shape
-        xs = x.view(b, k, -1, h, wd)
+        xs = x.view(b, k, -1, h, wd).float()  # statistics in float32 at any precision
         mask = real.T[:, :, None, None, None].to(x.dtype)  # (b, k, 1, 1, 1)
         count = real.sum(1).to(x.dtype)[:, None] * (h * wd)  # (k, 1) values per channel
         mean = (xs * mask).sum((0, 3, 4)) / count  # (k, C)

@@ -16,6 +16,7 @@ from typing import Any
 
 import tomli_w
 
+from ..fl.precision import PRECISIONS
 from ..fl.registry import check_one_of, check_range
 from ..runtime.compute import DEVICE_PATTERN
 
@@ -150,7 +151,10 @@ class Config:
     sent counts as a dropout.
 
     The runtime: `device` is where device models train and are scored ("auto": CUDA when
-    torch sees a GPU, else "cpu"; or "cpu", "cuda", "cuda:N"); `batch_devices` > 1 trains up
+    torch sees a GPU, else "cpu"; or "cpu", "cuda", "cuda:N"); `precision` is how devices
+    compute there: "fp32", "bf16" (bfloat16 autocast; weights, updates and aggregation stay
+    float32) or "auto" (bf16 on a GPU with bf16 or a CPU with AMX / AVX512-BF16, else fp32;
+    a run's config.toml records what auto chose); `batch_devices` > 1 trains up
     to that many same-shape device models at once; what devices keep between rounds stays in
     memory up to `store_memory_mb` and spills to the run directory beyond; `eval_devices` > 0
     scores per-device models (local, kept statistics) on a seeded sample of that many devices
@@ -182,6 +186,7 @@ class Config:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     context: list[ContextChange] = field(default_factory=list)
     device: str = "auto"
+    precision: str = "fp32"
     batch_devices: int = 1
     store_memory_mb: int = 512
     eval_devices: int = 0
@@ -312,6 +317,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"context[{i}]: classes {both} are both added and removed")
     if not DEVICE_PATTERN.fullmatch(cfg.device):
         raise ConfigError(f"device: unknown {cfg.device!r}; valid: auto, cpu, cuda, cuda:N")
+    one_of("precision", cfg.precision, PRECISIONS)
     _range("batch_devices", cfg.batch_devices, 1)
     _range("store_memory_mb", cfg.store_memory_mb, 0)
     _range("eval_devices", cfg.eval_devices, 0)

@@ -22,13 +22,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..data.augment import to_float
 from ..data.datasets import Dataset, load_dataset
 from ..data.partition import Partition, hold_out, make_partition, share_classes
 from ..fl import ALGORITHMS, Setting, Strategy
 from ..fl.aggregate import Robustness
 from ..fl.central import POOLED
-from ..fl.device import DeviceData, accuracy, label_map, predict
+from ..fl.device import EVAL_BATCH, DeviceData, accuracy, label_map, load_model, predict
 from ..fl.payload import DeviceInfo, Payload, State, TrainConfig, Update, state_bytes
+from ..fl.precision import autocast, memory_format, resolve_precision
 from ..fl.strategy import device_seed
 from ..fl.validate import rejection
 from ..models import ModelSpec, build_model, get_model
@@ -48,7 +50,7 @@ EVAL_KEYS = ("global_acc", "context_acc", "eval_devices", "test_loss", "class_ac
              "others_reject", "others_in_acc")
 METRIC_KEYS = ("round", "algorithm", "global_acc", "context_acc", "eval_devices", "test_loss",
                "train_loss", "bytes_down", "bytes_up", "device_train_flops", "wall_s",
-               "rejected", "class_acc", "others_reject", "others_in_acc")
+               "rejected", "class_acc", "others_reject", "others_in_acc", "precision")
 
 
 def set_threads() -> int:
@@ -126,6 +128,7 @@ class Experiment:
     device's classes, and so its data, change over the rounds. A device's data (`data`) are
     index views into the dataset's tensors on the compute device, made when the device is
     first needed: a round's work grows with its participants, not with the number of devices.
+    `precision` is what the config's `precision` resolved to on `compute` ("fp32" or "bf16").
     `other` is the label of out-of-context images ("Others", one past the dataset's classes)
     when the run uses them; `others[d]` are device d's out-of-context images (dataset indices).
     """
@@ -137,6 +140,7 @@ class Experiment:
     init: State
     schedule: Schedule
     compute: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
     other: int | None = None
     others: dict[int, torch.Tensor] = field(default_factory=dict)
     devices: list[DeviceInfo] = field(default_factory=list)
@@ -191,7 +195,8 @@ class Experiment:
         other = ds.num_classes if others_path or cfg.partition.other_fraction else None
         others = out_of_context(ds.train_y, kept, schedule.held, list(map(len, part.indices)),
                                 cfg.partition.other_fraction, cfg.seed)
-        exp = cls(cfg, ds, part, spec, init, schedule, compute, other, others)
+        exp = cls(cfg, ds, part, spec, init, schedule, compute,
+                  resolve_precision(cfg.precision, compute), other, others)
         exp.enter_round(1)
         return exp
 
@@ -202,9 +207,11 @@ class Experiment:
 
     @property
     def on_device(self) -> Dataset:
-        """The dataset with its tensors on the compute device (moved there once)."""
+        """The dataset with its tensors on the compute device, in the model's memory format
+        (moved there once)."""
         if self._on_device is None:
-            self._on_device = to_compute(self.dataset, self.compute)
+            self._on_device = to_compute(self.dataset, self.compute,
+                                         memory_format(self.spec.name, self.precision))
         return self._on_device
 
     def enter_round(self, rnd: int) -> None:
@@ -288,7 +295,7 @@ class Experiment:
         t = cfg.train
         return TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
                            momentum=t.momentum, weight_decay=t.weight_decay, seed=cfg.seed,
-                           augment=t.augment)
+                           augment=t.augment, precision=self.precision)
 
     def strategy(self, name: str) -> Strategy:
         """A fresh strategy of algorithm `name` on this experiment, with its own settings
@@ -397,7 +404,7 @@ class Experiment:
         logits = None
         if model is not None:
             spec, weights = model
-            logits = predict(spec, weights, test_x, ds.mean, ds.std)
+            logits = predict(spec, weights, test_x, ds.mean, ds.std, precision=self.precision)
             out.update(global_scores(logits, ds.test_y, spec, self.other, ds.num_classes))
         scores = []
         # Devices with images of their own (Flower nodes' own data) score on their own
@@ -416,8 +423,8 @@ class Experiment:
             if score is not None:
                 scores = [s for _, s in score(jobs)]
             else:
-                scores = [self.score_device(d, p.spec, runtime.own_state(d, p))
-                          for d, p in jobs]
+                scores = self.score_devices([(d, p.spec, runtime.own_state(d, p))
+                                             for d, p in jobs])
         out["eval_devices"] = len(scores)
         if not scores:  # no device answered
             return out
@@ -433,12 +440,68 @@ class Experiment:
         """`context_scores` of one device's own model (`spec`, `state`) on the test images
         of its classes in the current round (all test images when it answers Others)."""
         ds, test_x = self.dataset, self.on_device.test_x
-        classes = self.devices[device].classes
-        mask = torch.isin(ds.test_y, torch.tensor(classes))
-        if self.other in spec.class_ids:  # rejection needs the other images too
+        mask = self._scored_images(device, spec)
+        logits = predict(spec, state, test_x[mask.to(test_x.device)], ds.mean, ds.std,
+                         precision=self.precision)
+        return context_scores(logits, ds.test_y[mask], spec, self.devices[device].classes,
+                              self.other)
+
+    def score_devices(self, models: list[tuple[int, ModelSpec, State]]
+                      ) -> list[tuple[float, float, float]]:
+        """`score_device` of every (device, spec, state), in order, with the layers their
+        models share computed once: devices whose models have the same layers and the same
+        weights in the first of them (FedPer's and FedRep's body) run those layers once over
+        the test images, and only their own layers each."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, spec, _) in enumerate(models):
+            groups.setdefault((spec.input_shape, spec.layers), []).append(i)
+        scores: list[tuple[float, float, float] | None] = [None] * len(models)
+        for members in groups.values():
+            states = [models[i][2] for i in members]
+            spec = models[members[0]][1]
+            shared = shared_layers(spec, states) if len(members) > 1 else 0
+            if shared == 0:
+                for i in members:
+                    scores[i] = self.score_device(*models[i])
+                continue
+            for i, logits in zip(members, self._suffix_logits(
+                    spec, shared, [models[i] for i in members]), strict=True):
+                device, own_spec, _ = models[i]
+                mask = self._scored_images(device, own_spec)
+                scores[i] = context_scores(logits, self.dataset.test_y[mask], own_spec,
+                                           self.devices[device].classes, self.other)
+        return scores  # type: ignore[return-value]
+
+    def _scored_images(self, device: int, spec: ModelSpec) -> torch.Tensor:
+        """Mask of the test images a device is scored on: its classes' (all of them when it
+        answers Others, whose rejection needs the other images too)."""
+        mask = torch.isin(self.dataset.test_y, torch.tensor(self.devices[device].classes))
+        if self.other in spec.class_ids:
             mask[:] = True
-        logits = predict(spec, state, test_x[mask.to(test_x.device)], ds.mean, ds.std)
-        return context_scores(logits, ds.test_y[mask], spec, classes, self.other)
+        return mask
+
+    def _suffix_logits(self, spec: ModelSpec, shared: int,
+                       models: list[tuple[int, ModelSpec, State]]) -> list[torch.Tensor]:
+        """Each model's logits on its scored images: the first `shared` layers (the same in
+        every model) run once per batch of test images, each model's own layers on its rows
+        of that batch. Batch by batch, so memory stays that of one batch's activations."""
+        ds, test_x = self.dataset, self.on_device.test_x
+        dev, fmt = test_x.device, memory_format(spec.name, self.precision)
+        trunk = load_model(spec, models[0][2], dev, self.precision).eval()[:shared]
+        heads = [load_model(spec, state, dev, self.precision).eval()[shared:]
+                 for _, _, state in models]
+        masks = [self._scored_images(d, s).to(dev) for d, s, _ in models]
+        out: list[list[torch.Tensor]] = [[] for _ in models]
+        with torch.inference_mode(), autocast(self.precision, dev):
+            for start in range(0, len(test_x), EVAL_BATCH):
+                xb = to_float(test_x[start:start + EVAL_BATCH], ds.mean, ds.std)
+                features = trunk(xb.contiguous(memory_format=fmt))
+                for head, mask, logits in zip(heads, masks, out, strict=True):
+                    rows = mask[start:start + EVAL_BATCH]
+                    if rows.any():
+                        logits.append(head(features[rows]).float())
+        return [torch.cat(parts).cpu() if parts else torch.zeros(0, spec.num_classes)
+                for parts in out]
 
 
 class Tally:
@@ -483,6 +546,15 @@ class Tally:
                 "rejected": self.rejected, "wall_s": wall_s}
 
 
+def shared_layers(spec: ModelSpec, states: Sequence[State]) -> int:
+    """How many of the first layers of `spec` have equal tensors in every one of `states`."""
+    for i, name in enumerate(spec.names):
+        keys = [k for k in states[0] if k.rsplit(".", 1)[0] == name]
+        if any(not torch.equal(s[k], states[0][k]) for s in states[1:] for k in keys):
+            return i
+    return len(spec.names)
+
+
 def global_scores(logits: torch.Tensor, y: torch.Tensor, spec: ModelSpec, other: int | None,
                   num_classes: int) -> dict:
     """global_acc, class_acc and test_loss of a model's logits on labels `y` (Others left out
@@ -516,8 +588,9 @@ def context_scores(logits: torch.Tensor, y: torch.Tensor, spec: ModelSpec,
     return acc, reject, in_acc
 
 
-def _round_line(algorithm: str, rnd: int, stats: dict, evals: dict) -> dict:
-    line = {"round": rnd, "algorithm": algorithm, **stats, **(evals or dict.fromkeys(EVAL_KEYS))}
+def _round_line(algorithm: str, rnd: int, stats: dict, evals: dict, precision: str) -> dict:
+    line = {"round": rnd, "algorithm": algorithm, **stats, **(evals or dict.fromkeys(EVAL_KEYS)),
+            "precision": precision}
     return {k: line[k] for k in METRIC_KEYS}
 
 
@@ -554,7 +627,8 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
     set_threads()
     out.mkdir(parents=True, exist_ok=True)
     exp = experiment or Experiment.setup(cfg, dataset)
-    (out / "config.toml").write_text(cfg.to_toml())
+    # What "auto" chose is recorded, so the run directory says how it was computed.
+    (out / "config.toml").write_text(replace(cfg, precision=exp.precision).to_toml())
     exp.partition.save(out / "partition.json")
     if not quiet:
         print(exp.partition.summary(exp.dataset.classes))
@@ -589,7 +663,7 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
                                      getattr(execute, "score", None))
                 bar.set_postfix({k: f"{v:.3f}" for k, v in evals.items()
                                  if k.endswith("acc") and isinstance(v, float)})
-            line = _round_line(a, rnd, stats, evals)
+            line = _round_line(a, rnd, stats, evals, exp.precision)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
             model = strategy.global_model(state)

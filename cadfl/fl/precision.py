@@ -1,0 +1,66 @@
+"""The numeric precision of device compute: float32, or bfloat16 mixed precision.
+
+`bf16` runs the forward pass and the loss under `torch.autocast` with bfloat16: convolutions
+and matrix products in bf16, everything autocast keeps in float32 (losses, reductions) in
+float32. Weights, gradients, optimizer state, what a device sends, aggregation and checkpoints
+stay float32 (float64 where they were): only the compute changes, so the bytes do not.
+`auto` is bf16 where the hardware runs it fast (a CUDA GPU with bf16, a CPU with AMX or
+AVX512-BF16) and fp32 elsewhere. `fp32` is the exact code path of before bf16 existed.
+
+Memory format is chosen with the precision: channels-last where it was measured to pay
+(`benchmarks/throughput.py`), contiguous NCHW where it did not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+
+from .registry import check_one_of
+
+PRECISIONS = ("fp32", "bf16", "auto")
+# Models whose fp32 CPU training step was slower channels-last than NCHW, measured by
+# benchmarks/throughput.py on a 2-core Xeon with AMX (VGG-16 fp32: 95 against 106 img/s).
+# Everywhere else channels-last paid (fl_cnn fp32 1.14x, bf16 1.6x; AlexNet bf16 1.35x).
+_NCHW_AT_FP32 = frozenset({"vgg11", "vgg16"})
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@functools.cache
+def cpu_bf16_flags() -> tuple[str, ...]:
+    """Which of the CPU flags that make bf16 fast (AMX, AVX512-BF16) this CPU has, read from
+    /proc/cpuinfo (empty where there is none, e.g. not Linux)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return ()
+    return tuple(f for f in CPU_BF16_FLAGS if f in flags)
+
+
+def resolve_precision(name: str, device: torch.device | str) -> str:
+    """"fp32" or "bf16" for a config's `precision` on `device` ("auto": bf16 where the device
+    runs it fast)."""
+    check_one_of("precision", name, PRECISIONS)
+    if name != "auto":
+        return name
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_bf16_flags() else "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context the forward pass and loss run in: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def memory_format(model_name: str, precision: str) -> torch.memory_format:
+    """The memory format a model's 4-d tensors (weights, activations, input batches) take."""
+    if precision == "fp32" and model_name in _NCHW_AT_FP32:
+        return torch.contiguous_format
+    return torch.channels_last
