@@ -32,7 +32,7 @@ def device_epochs(name: str, precision: str, compiled: bool, devices: int, sampl
     """Seconds of one local epoch of each of `devices` devices (a fresh model each)."""
     spec = get_model(name, 10)
     ds = synthetic_dataset(spec.input_shape, samples, 10)
-    fmt = memory_format(spec.name, precision)
+    fmt = memory_format(precision)
     xf = to_float(ds.train_x, ds.mean, ds.std).contiguous(memory_format=fmt)
     cfg = TrainConfig(batch_size=batch_size, lr=0.01)
     torch.manual_seed(0)

@@ -122,7 +122,7 @@ def batched_variants(spec: ModelSpec, ds: Dataset, cfg: TrainConfig, devices: in
     `train_batched` of all, at each precision."""
     out = {}
     for precision in ("fp32", "bf16"):
-        on = to_compute(ds, ds.train_x.device, memory_format(spec.name, precision))
+        on = to_compute(ds, ds.train_x.device, memory_format(precision))
         jobs = []
         for d in range(devices):
             torch.manual_seed(d)
@@ -180,7 +180,7 @@ def main() -> None:
             runs: dict[str, Callable[[], object]] = {}
             data = {}
             for precision in ("fp32", "bf16"):
-                on = to_compute(ds, device, memory_format(spec.name, precision))
+                on = to_compute(ds, device, memory_format(precision))
                 data[precision] = DeviceData(on.train_x, y.to(device), 10, on.mean, on.std,
                                              on.crop_padding, on.flip)
                 payload = Payload(spec, state, TrainConfig(**{**cfg.to_dict(),
@@ -195,8 +195,7 @@ def main() -> None:
                 base = secs[" ".join([kind, "fp32", *fmt])]
                 bare = None
                 if kind == "train_local":
-                    fmt = ["cl" if memory_format(spec.name, precision) == torch.channels_last
-                           else "nchw"]
+                    fmt = ["cl"]  # its weights are channels-last at both precisions
                     bare = secs.get(f"bare {precision} {fmt[0]}")
                     if bare:
                         verdicts.append((f"{name} train_local/bare at {precision}", bare / sec,

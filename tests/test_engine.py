@@ -25,7 +25,7 @@ from cadfl.sim.engine import Experiment, run_experiment, sample_devices
 
 KEYS = ["round", "algorithm", "global_acc", "context_acc", "eval_devices", "test_loss",
         "train_loss", "bytes_down", "bytes_up", "device_train_flops", "wall_s", "rejected",
-        "class_acc", "others_reject", "others_in_acc"]
+        "class_acc", "others_reject", "others_in_acc", "precision"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

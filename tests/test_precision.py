@@ -66,7 +66,8 @@ def fingerprint(extra: tuple[str, ...], algorithms: list[str], out: Path) -> dic
 
 
 def test_fp32_is_bit_identical_to_the_code_before_precision(tmp_path):
-    """The golden file was written by the code of 5c1ff66 (before `precision` existed): the
+    """The golden file was written by the code of 5c1ff66 (before `precision` existed), at one
+    thread as this test runs: the
     same digits runs (sequential and 4 devices batched, 8 algorithms, 2 rounds) give the same
     metric values and the same checkpoint bytes, and so does a CIFAR-10 run where CADFL_DATA
     points at it. Floating-point kernels differ between CPU

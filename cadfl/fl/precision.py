@@ -7,8 +7,11 @@ stay float32 (float64 where they were): only the compute changes, so the bytes d
 `auto` is bf16 where the hardware runs it fast (a CUDA GPU with bf16, a CPU with AMX or
 AVX512-BF16) and fp32 elsewhere. `fp32` is the exact code path of before bf16 existed.
 
-Memory format is chosen with the precision: channels-last where it was measured to pay
-(`benchmarks/throughput.py`), contiguous NCHW where it did not.
+Images are stored, and training batches come out, channels-last at bf16 and NCHW at fp32.
+Weights are channels-last at both (as before bf16 existed), so convolutions run channels-last.
+At bf16 channels-last input paid for every zoo CNN measured (`benchmarks/throughput.py`: up to
+1.6x for fl_cnn); at fp32 the input layout is kept as it was, so that fp32 stays bit for bit
+what it was (VGG-16 fp32 would be ~1.1x faster all-NCHW: not taken, to keep that).
 """
 
 from __future__ import annotations
@@ -22,10 +25,6 @@ import torch
 from .registry import check_one_of
 
 PRECISIONS = ("fp32", "bf16", "auto")
-# Models whose fp32 CPU training step was slower channels-last than NCHW, measured by
-# benchmarks/throughput.py on a 2-core Xeon with AMX (VGG-16 fp32: 95 against 106 img/s).
-# Everywhere else channels-last paid (fl_cnn fp32 1.14x, bf16 1.6x; AlexNet bf16 1.35x).
-_NCHW_AT_FP32 = frozenset({"vgg11", "vgg16"})
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -59,8 +58,7 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def memory_format(model_name: str, precision: str) -> torch.memory_format:
-    """The memory format a model's 4-d tensors (weights, activations, input batches) take."""
-    if precision == "fp32" and model_name in _NCHW_AT_FP32:
-        return torch.contiguous_format
-    return torch.channels_last
+def memory_format(precision: str) -> torch.memory_format:
+    """The memory format images are stored in at `precision`, so that the batches gathered
+    from them need no conversion."""
+    return torch.channels_last if precision == "bf16" else torch.contiguous_format

@@ -211,7 +211,7 @@ class Experiment:
         (moved there once)."""
         if self._on_device is None:
             self._on_device = to_compute(self.dataset, self.compute,
-                                         memory_format(self.spec.name, self.precision))
+                                         memory_format(self.precision))
         return self._on_device
 
     def enter_round(self, rnd: int) -> None:
@@ -486,16 +486,16 @@ class Experiment:
         every model) run once per batch of test images, each model's own layers on its rows
         of that batch. Batch by batch, so memory stays that of one batch's activations."""
         ds, test_x = self.dataset, self.on_device.test_x
-        dev, fmt = test_x.device, memory_format(spec.name, self.precision)
-        trunk = load_model(spec, models[0][2], dev, self.precision).eval()[:shared]
-        heads = [load_model(spec, state, dev, self.precision).eval()[shared:]
+        dev = test_x.device
+        trunk = load_model(spec, models[0][2], dev).eval()[:shared]
+        heads = [load_model(spec, state, dev).eval()[shared:]
                  for _, _, state in models]
         masks = [self._scored_images(d, s).to(dev) for d, s, _ in models]
         out: list[list[torch.Tensor]] = [[] for _ in models]
         with torch.inference_mode(), autocast(self.precision, dev):
             for start in range(0, len(test_x), EVAL_BATCH):
                 xb = to_float(test_x[start:start + EVAL_BATCH], ds.mean, ds.std)
-                features = trunk(xb.contiguous(memory_format=fmt))
+                features = trunk(xb.contiguous(memory_format=torch.channels_last))
                 for head, mask, logits in zip(heads, masks, out, strict=True):
                     rows = mask[start:start + EVAL_BATCH]
                     if rows.any():
