@@ -4,9 +4,10 @@ cadfl's `train_local`, fp32 against bf16, with and without channels-last.
 For each model, one local epoch over the same synthetic images is timed:
 - the bare loop of `engine_overhead.py` (pre-normalised inputs, the same batches and
   augmentation, torch's SGD) at fp32 and bf16 (autocast), each in NCHW and channels-last;
-- `train_local` (what every device runs) at fp32 and bf16, in the memory format cadfl picks
-  for the model (`cadfl.fl.precision.memory_format`), dense and as a CAD sub-model holding
-  half of the classes;
+- `train_local` (what every device runs) at fp32 and bf16, in cadfl's memory formats
+  (channels-last weights; images stored channels-last at bf16, NCHW at fp32:
+  `cadfl.fl.precision.memory_format`), dense and as a CAD sub-model holding half of the
+  classes;
 - for the small models, `train_batched` of `--devices` same-shape devices at once.
 Runs alternate (every variant once, then again, ...) and medians are reported, because a
 shared machine is noisy. The header prints the CPU and whether it has AMX / AVX512-BF16: the
