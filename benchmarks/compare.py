@@ -41,12 +41,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cadfl.config import Config, config_from_dict, load_config  # noqa: E402
+from cadfl.device.compute import resolve_device  # noqa: E402
+from cadfl.device.precision import PRECISIONS, resolve_precision  # noqa: E402
+from cadfl.engine.run import read_metrics, run_experiment  # noqa: E402
 from cadfl.fl import ALGORITHMS  # noqa: E402
-from cadfl.fl.precision import PRECISIONS, resolve_precision  # noqa: E402
-from cadfl.runtime import resolve_device  # noqa: E402
-from cadfl.sim.config import Config, config_from_dict, load_config  # noqa: E402
-from cadfl.sim.engine import read_metrics, run_experiment  # noqa: E402
-from cadfl.sim.sweep import run_sweep  # noqa: E402
+from cadfl.sweep import run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "compare"  # run directories of the default OUT (not committed)

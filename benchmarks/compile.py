@@ -22,8 +22,8 @@ from engine_overhead import bare_train, synthetic_dataset
 from throughput import machine_header
 
 from cadfl.data.augment import to_float
+from cadfl.device.precision import memory_format
 from cadfl.fl.payload import TrainConfig
-from cadfl.fl.precision import memory_format
 from cadfl.models import MODELS, build_loaded, build_model, get_model
 
 

@@ -27,8 +27,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cadfl.sim.config import load_config  # noqa: E402
-from cadfl.sim.engine import run_experiment  # noqa: E402
+from cadfl.config import load_config  # noqa: E402
+from cadfl.engine.run import run_experiment  # noqa: E402
 
 OLD, NEW = list(range(8)), [8, 9]
 

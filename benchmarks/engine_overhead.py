@@ -26,14 +26,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cadfl.config import load_config
 from cadfl.data.augment import random_crop_flip, to_float
 from cadfl.data.datasets import Dataset, channel_stats
+from cadfl.engine.run import Experiment, sample_devices
 from cadfl.fl.payload import State, TrainConfig
 from cadfl.fl.strategy import device_seed
 from cadfl.models import MODELS, build_model
 from cadfl.models.zoo import DEFAULT_INPUT
-from cadfl.sim.config import load_config
-from cadfl.sim.engine import Experiment, sample_devices
 
 NUM_CLASSES = 10
 

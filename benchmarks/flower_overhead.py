@@ -42,8 +42,8 @@ def breakdown(cfg) -> dict[str, float]:
     import subprocess
     import sys
 
-    from cadfl.fl.device import run_task
-    from cadfl.sim.engine import Experiment
+    from cadfl.device.train import run_task
+    from cadfl.engine.run import Experiment
 
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import cadfl.flower.client_app"], check=True)
@@ -74,10 +74,10 @@ def main() -> None:
 
     import torch
 
+    from cadfl.config import load_config
+    from cadfl.engine.run import run_experiment
     from cadfl.flower.deploy import deploy_experiment
     from cadfl.flower.simulation import run_flower_simulation
-    from cadfl.sim.config import load_config
-    from cadfl.sim.engine import run_experiment
 
     torch.set_num_threads(1)
     algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]

@@ -34,8 +34,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cadfl.sim.config import load_config  # noqa: E402
-from cadfl.sim.engine import read_metrics, run_experiment  # noqa: E402
+from cadfl.config import load_config  # noqa: E402
+from cadfl.engine.run import read_metrics, run_experiment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ALGORITHMS = ["cad", "fed2", "fedavg", "fedprox"]

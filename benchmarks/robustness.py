@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cadfl.sim.config import load_config
-from cadfl.sim.engine import run_experiment
+from cadfl.config import load_config
+from cadfl.engine.run import run_experiment
 
 SETTINGS = [
     ("no faults", []),

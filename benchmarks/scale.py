@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cadfl.sim.config import load_config
-from cadfl.sim.engine import run_experiment
+from cadfl.config import load_config
+from cadfl.engine.run import run_experiment
 
 
 def child(devices: int, rounds: int, sample: int, per_device: int, out: Path) -> dict:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from throughput import machine_header
 
-from cadfl.fl.precision import PRECISIONS, resolve_precision
-from cadfl.sim.config import load_config
-from cadfl.sim.engine import Experiment, set_threads
+from cadfl.config import load_config
+from cadfl.device.precision import PRECISIONS, resolve_precision
+from cadfl.engine.run import Experiment, set_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 XDEV = ("partition.k=5", "test_fraction=0.2")

@@ -6,7 +6,7 @@ For each model, one local epoch over the same synthetic images is timed:
   augmentation, torch's SGD) at fp32 and bf16 (autocast), each in NCHW and channels-last;
 - `train_local` (what every device runs) at fp32 and bf16, in cadfl's memory formats
   (channels-last weights; images stored channels-last at bf16, NCHW at fp32:
-  `cadfl.fl.precision.memory_format`), dense and as a CAD sub-model holding half of the
+  `cadfl.device.precision.memory_format`), dense and as a CAD sub-model holding half of the
   classes;
 - for the small models, `train_batched` of `--devices` same-shape devices at once.
 Runs alternate (every variant once, then again, ...) and medians are reported, because a
@@ -33,12 +33,12 @@ from cadfl.cad.decouple import decouple
 from cadfl.cad.submodel import extract
 from cadfl.data.augment import to_float
 from cadfl.data.datasets import Dataset
-from cadfl.fl.device import DeviceData, train_local
+from cadfl.device.batched import train_batched
+from cadfl.device.compute import resolve_device, to_compute
+from cadfl.device.precision import cpu_bf16_flags, memory_format
+from cadfl.device.train import DeviceData, train_local
 from cadfl.fl.payload import Payload, TrainConfig
-from cadfl.fl.precision import cpu_bf16_flags, memory_format
 from cadfl.models import MODELS, ModelSpec, build_loaded, build_model, get_model
-from cadfl.runtime import resolve_device, to_compute
-from cadfl.runtime.batched import train_batched
 
 DEPTH = {"lenet5": 0, "alexnet": 2, "vgg11": 2, "vgg16": 3, "digits_cnn": 1, "fl_cnn": 1}
 BATCHED = ("lenet5", "digits_cnn", "fl_cnn")  # small models: batched-devices rows

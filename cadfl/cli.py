@@ -25,7 +25,7 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 def _add_precision(p: argparse.ArgumentParser, default: str | None) -> None:
     """The --precision option (default None: the config's `precision`)."""
-    from .fl.precision import PRECISIONS
+    from .device.precision import PRECISIONS
 
     said = f"default {default}" if default else "default: the config's precision, fp32 if unset"
     p.add_argument("--precision", choices=PRECISIONS, default=default,
@@ -131,9 +131,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from .config import load_config
+    from .engine.run import run_experiment
     from .report.summary import leaders, summarize, text_table
-    from .sim.config import load_config
-    from .sim.engine import run_experiment
 
     if args.resume:
         if args.config or args.overrides or args.out or args.precision:
@@ -348,7 +348,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from .sim.sweep import parse_grid, print_table, run_sweep
+    from .sweep import parse_grid, print_table, run_sweep
 
     if args.rounds < 1:
         raise UserError(f"--rounds {args.rounds}: give at least 1")
@@ -362,11 +362,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that report a user's mistake: shown as one message, no traceback."""
+    from .config import ConfigError
     from .data.datasets import DataError
     from .data.partition import PartitionError
+    from .engine.checkpoint import CheckpointError
     from .models import SpecError
-    from .sim.checkpoint import CheckpointError
-    from .sim.config import ConfigError
 
     return (UserError, SpecError, DataError, PartitionError, ConfigError, CheckpointError)
 

@@ -40,10 +40,10 @@ from torch import nn
 from .analysis.profile import profile_spec
 from .cad.decouple import Decoupling
 from .cad.submodel import extract
+from .config import load_config
 from .data.datasets import Dataset, load_dataset
+from .engine.checkpoint import CheckpointError, load_model_checkpoint
 from .models import ModelSpec, build_loaded, count_params
-from .sim.checkpoint import CheckpointError, load_model_checkpoint
-from .sim.config import load_config
 
 State = dict[str, torch.Tensor]
 

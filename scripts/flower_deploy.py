@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                    "RUN_DIR/keys, registered with `flwr supernode register` before it starts")
     args = p.parse_args(argv)
 
+    from cadfl.config import ConfigError, load_config
     from cadfl.flower.deploy import TLS, deploy_experiment
     from cadfl.report.summary import summarize, text_table
-    from cadfl.sim.config import ConfigError, load_config
 
     tls_args = (args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile)
     if any(tls_args) and not all(tls_args):

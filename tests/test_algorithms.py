@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from cadfl.config import load_config
+from cadfl.engine.run import run_experiment
 from cadfl.fl import ALGORITHMS
-from cadfl.sim.config import load_config
-from cadfl.sim.engine import run_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ALL = sorted(ALGORITHMS)

@@ -7,7 +7,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cadfl.analysis.preference import class_activation_sums, class_means, selectivity
 from cadfl.cad.assign import (
     balanced_assignment,
     group_permutation,
@@ -15,8 +14,9 @@ from cadfl.cad.assign import (
     to_decoupled,
 )
 from cadfl.cad.decouple import decouple
+from cadfl.cad.preference import class_activation_sums, class_means, selectivity
+from cadfl.device.train import DeviceData, run_task
 from cadfl.fl.cad import CAD
-from cadfl.fl.device import DeviceData, run_task
 from cadfl.fl.payload import DeviceInfo, TrainConfig
 from cadfl.models import build_model, get_model
 from cadfl.models.spec import spec_from_config
@@ -150,7 +150,7 @@ def test_activation_cad_queries_once_then_trains_decoupled_sub_models():
 
 
 def test_suggested_depth_starts_at_the_first_selective_conv_layer():
-    from cadfl.analysis.preference import suggest_depth
+    from cadfl.cad.preference import suggest_depth
 
     assert suggest_depth([0.05, 0.1, 0.35, 0.5], 0.3) == 2
     assert suggest_depth([0.4, 0.1, 0.2], 0.3) == 3
@@ -158,7 +158,7 @@ def test_suggested_depth_starts_at_the_first_selective_conv_layer():
 
 
 def test_auto_depth_decouples_where_selectivity_says_and_is_restored_on_resume():
-    from cadfl.analysis.preference import suggest_depth
+    from cadfl.cad.preference import suggest_depth
     from cadfl.data.datasets import load_digits
 
     ds = load_digits()

@@ -9,10 +9,10 @@ import torch
 
 from cadfl.cad.decouple import decouple
 from cadfl.cad.submodel import extract
-from cadfl.fl.device import DeviceData, train_local
+from cadfl.device.batched import batch_key, train_batched
+from cadfl.device.train import DeviceData, train_local
 from cadfl.fl.payload import Payload, TrainConfig, Update
 from cadfl.models import ModelSpec, build_model, get_model
-from cadfl.runtime.batched import batch_key, train_batched
 
 SIZES = (23, 9, 16, 0)  # samples per device: ragged last batches, one device without data
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cadfl.sim.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cadfl.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def sample_state() -> dict[str, torch.Tensor]:
@@ -115,7 +115,7 @@ def test_an_altered_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_pa
 
 def test_every_crash_point_of_a_save_leaves_an_intact_checkpoint(tmp_path, monkeypatch):
     """Die after each file operation of the second save: one of the two rounds is loaded."""
-    import cadfl.sim.checkpoint as ck
+    import cadfl.engine.checkpoint as ck
 
     real = ck.os.replace
     for die_after in range(4):

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import compare  # noqa: E402
 
-from cadfl.sim.config import load_config  # noqa: E402
+from cadfl.config import load_config  # noqa: E402
 
 TINY = compare.Setting(
     "digits-demo.toml", ("devices=4", "rounds=2", "data_fraction=0.3", "eval_every=1"),

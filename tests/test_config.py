@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cadfl.cli import main
-from cadfl.sim.config import Config, ConfigError, load_config, parse_override, validate
+from cadfl.config import Config, ConfigError, load_config, parse_override, validate
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -15,16 +15,16 @@ from hypothesis import strategies as st
 
 from cadfl.cad.assign import SPARE_PREFIX
 from cadfl.cad.submodel import extract
+from cadfl.config import ConfigError, ContextChange, load_config
+from cadfl.data.context import Schedule
 from cadfl.data.partition import make_partition, share_classes
+from cadfl.device.train import predict
+from cadfl.engine.run import Experiment, run_experiment
 from cadfl.fl.cad import CAD
-from cadfl.fl.device import predict
 from cadfl.fl.fedavg import FedAvg
 from cadfl.fl.payload import DeviceInfo, TrainConfig
 from cadfl.models import build_model, get_model
 from cadfl.models.spec import spec_from_config
-from cadfl.sim.config import ConfigError, ContextChange, load_config
-from cadfl.sim.context import Schedule
-from cadfl.sim.engine import Experiment, run_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MEAN, STD = (0.5,), (0.25,)

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from cadfl.cli import main
+from cadfl.config import Config, load_config
+from cadfl.device.store import DeviceStore, with_kept
+from cadfl.device.train import DeviceData, predict, train_local
+from cadfl.engine.checkpoint import load_checkpoint
+from cadfl.engine.run import Experiment, run_experiment, sample_devices
 from cadfl.fl.aggregate import is_bn_stat
-from cadfl.fl.device import DeviceData, predict, train_local
 from cadfl.fl.payload import Payload
 from cadfl.fl.strategy import device_seed
-from cadfl.runtime import DeviceStore, with_kept
-from cadfl.sim.checkpoint import load_checkpoint
-from cadfl.sim.config import Config, load_config
-from cadfl.sim.engine import Experiment, run_experiment, sample_devices
 
 KEYS = ["round", "algorithm", "global_acc", "context_acc", "eval_devices", "test_loss",
         "train_loss", "bytes_down", "bytes_up", "device_train_flops", "wall_s", "rejected",

@@ -19,7 +19,10 @@ pytest.importorskip("onnxscript", reason="needs the mobile extra: pip install 'c
 from cadfl import export  # noqa: E402
 from cadfl.cad.decouple import decouple  # noqa: E402
 from cadfl.cli import main  # noqa: E402
+from cadfl.config import load_config  # noqa: E402
 from cadfl.data.augment import to_float  # noqa: E402
+from cadfl.engine.checkpoint import save_checkpoint  # noqa: E402
+from cadfl.engine.run import run_experiment  # noqa: E402
 from cadfl.models import (  # noqa: E402
     MODELS,
     ModelSpec,
@@ -28,9 +31,6 @@ from cadfl.models import (  # noqa: E402
     get_model,
     with_classes,
 )
-from cadfl.sim.checkpoint import save_checkpoint  # noqa: E402
-from cadfl.sim.config import load_config  # noqa: E402
-from cadfl.sim.engine import run_experiment  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cadfl.sim.checkpoint import load_checkpoint
-from cadfl.sim.config import ConfigError, load_config
-from cadfl.sim.engine import run_experiment
+from cadfl.config import ConfigError, load_config
+from cadfl.engine.checkpoint import load_checkpoint
+from cadfl.engine.run import run_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BASE = ["devices=6", "rounds=3", 'algorithms=["fedavg","cad"]', "data_fraction=0.5"]

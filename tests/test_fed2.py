@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cadfl.fl.cad import Fed2
+from cadfl.config import ConfigError, load_config
+from cadfl.engine.checkpoint import load_checkpoint
+from cadfl.engine.run import Experiment, run_experiment
+from cadfl.fl.fed2 import Fed2
 from cadfl.fl.payload import DeviceInfo, TrainConfig, Update
 from cadfl.models import build_model, get_model
-from cadfl.sim.checkpoint import load_checkpoint
-from cadfl.sim.config import ConfigError, load_config
-from cadfl.sim.engine import Experiment, run_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

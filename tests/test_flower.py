@@ -27,6 +27,8 @@ flwr = pytest.importorskip("flwr")
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 
 from cadfl.cli import main as cli_main  # noqa: E402
+from cadfl.config import load_config  # noqa: E402
+from cadfl.engine.run import Experiment, read_metrics, run_experiment  # noqa: E402
 from cadfl.fl.payload import Payload, TrainConfig, Update  # noqa: E402
 from cadfl.flower import client_app  # noqa: E402
 from cadfl.flower.codec import (  # noqa: E402
@@ -37,8 +39,6 @@ from cadfl.flower.codec import (  # noqa: E402
 )
 from cadfl.flower.server_app import FlowerError, FlowerExecutor  # noqa: E402
 from cadfl.models import get_model  # noqa: E402
-from cadfl.sim.config import load_config  # noqa: E402
-from cadfl.sim.engine import Experiment, read_metrics, run_experiment  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def own_run_without(cfg, digits, out, dropped: dict[int, set[int]],
                     reachable: dict[int, list[int]] | None = None) -> list[dict]:
     """The own engine's run of `cfg` with the devices `dropped[round]` giving no answer and
     (with `reachable`) each round's participants sampled from `reachable[round]` only."""
-    from cadfl.runtime import Runtime
+    from cadfl.device.executor import Runtime
 
     runtime = Runtime(Experiment.setup(cfg, digits).data)
     rnd = [1]
@@ -207,7 +207,7 @@ def test_flower_protocol_reproduces_the_engine_exactly(tmp_path, digits):
     via, grid = run_on_loopback(cfg, tmp_path / "flower", digits)
     assert without_wall(via) == without_wall(own)
     for a in cfg.algorithms:
-        from cadfl.sim.checkpoint import load_checkpoint
+        from cadfl.engine.checkpoint import load_checkpoint
         s1, _ = load_checkpoint(tmp_path / "own" / "checkpoints", a)
         s2, _ = load_checkpoint(tmp_path / "flower" / "checkpoints", a)
         assert all(torch.equal(s1[k], s2[k]) for k in s1), a
@@ -242,8 +242,8 @@ def test_state_kept_on_the_nodes_gives_the_engines_metrics(tmp_path, digits, ove
     via, grid = run_on_loopback(cfg, tmp_path / "flower", digits)
     assert without_wall(via) == without_wall(own)
     assert all(m["eval_devices"] == cfg.devices for m in via)
+    from cadfl.device.store import DeviceStore
     from cadfl.flower.store import NodeStore
-    from cadfl.runtime import DeviceStore
     for a in cfg.algorithms:
         engine_store = DeviceStore(tmp_path / "own" / "devices" / a)
         for ctx in grid.contexts.values():
@@ -333,7 +333,7 @@ def test_nodes_own_data_decide_their_contexts(tmp_path, digits):
     assert grid.trained[1][:2] == [(1, 2, 3)] * 2
     assert grid.trained[2][:2] == [(3, 10)] * 2
     assert grid.trained[2][2] == tuple(range(11))  # FedAvg: every class, "seven" too
-    from cadfl.sim.checkpoint import load_checkpoint
+    from cadfl.engine.checkpoint import load_checkpoint
     part = json.loads((tmp_path / "flower" / "partition.json").read_text())
     assert part["scheme"] == "own" and part["num_classes"] == 11
     assert [[c for c, n in enumerate(d["class_counts"]) if n] for d in part["devices"]] == \
@@ -594,8 +594,8 @@ def test_deployment_nodes_train_on_their_own_images(tmp_path, digits):
     maps the reported names to class ids, CAD builds every node's sub-model from them, the
     new class gets a path, and every metric line equals the own engine's on the same
     per-device data; no process is left behind."""
+    from cadfl.engine.checkpoint import load_checkpoint
     from cadfl.flower.deploy import Deployment
-    from cadfl.sim.checkpoint import load_checkpoint
     overrides = [*OWN_DATA, 'algorithms=["cad"]']
     cfg = load_config(None, overrides)
     folders = node_folders(tmp_path / "nodes")
@@ -792,8 +792,8 @@ def test_a_deployment_message_imports_no_plotting_or_sklearn():
     """A deployment node imports the ClientApp and sets up its experiment in a fresh
     process for every message: neither pulls in matplotlib, scikit-learn or SciPy."""
     code = ("import sys, cadfl.flower.client_app\n"
-            "from cadfl.sim.config import load_config\n"
-            "from cadfl.sim.engine import Experiment\n"
+            "from cadfl.config import load_config\n"
+            "from cadfl.engine.run import Experiment\n"
             "Experiment.setup(load_config(None, []))\n"
             "print(sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('matplotlib', 'sklearn', 'scipy')))")

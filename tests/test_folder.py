@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from cadfl.config import ConfigError, load_config
 from cadfl.data.datasets import DataError, load_dataset, load_folder
+from cadfl.engine.run import Experiment
 from cadfl.flower.own_data import count_scores, run_classes, server_dataset
-from cadfl.sim.config import ConfigError, load_config
-from cadfl.sim.engine import Experiment
 
 
 def write_digit_folder(root: Path, classes: dict[str, int], per_class: int,

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from cadfl.config import ConfigError, load_config
+from cadfl.device.train import train_flops_per_sample
+from cadfl.engine.run import Experiment, run_experiment
 from cadfl.fl.cad import CAD
-from cadfl.fl.device import train_flops_per_sample
 from cadfl.fl.fedrolex import FedRolex
 from cadfl.fl.heterofl import HeteroFL
 from cadfl.fl.payload import DeviceInfo, TrainConfig, Update
 from cadfl.models import Layer, ModelSpec, build_model, get_model
-from cadfl.sim.config import ConfigError, load_config
-from cadfl.sim.engine import Experiment, run_experiment
 
 from .test_engine import Interrupt, assert_same_checkpoints, metrics, stop_after
 

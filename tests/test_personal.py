@@ -8,14 +8,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cadfl.fl.device import DeviceData, train_local
+from cadfl.config import load_config
+from cadfl.device.store import DeviceStore
+from cadfl.device.train import DeviceData, train_local
+from cadfl.engine.checkpoint import load_checkpoint
+from cadfl.engine.run import Experiment, run_experiment, sample_devices
 from cadfl.fl.fedper import head_patterns
 from cadfl.fl.payload import PERSONAL, Payload, TrainConfig, model_part
 from cadfl.models import build_model, get_model
-from cadfl.runtime import DeviceStore
-from cadfl.sim.checkpoint import load_checkpoint
-from cadfl.sim.config import load_config
-from cadfl.sim.engine import Experiment, run_experiment, sample_devices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cadfl.config import ConfigError, load_config
 from cadfl.data.augment import crop_flip, crop_flip_draws
-from cadfl.fl import precision as prec
-from cadfl.fl.device import DeviceData, train_local
+from cadfl.device import precision as prec
+from cadfl.device.batched import train_batched
+from cadfl.device.train import DeviceData, train_local
+from cadfl.engine.run import Experiment, read_metrics, run_experiment, shared_layers
 from cadfl.fl.payload import Payload, TrainConfig, state_bytes
 from cadfl.models import build_model, get_model
-from cadfl.runtime.batched import train_batched
-from cadfl.sim.config import ConfigError, load_config
-from cadfl.sim.engine import Experiment, read_metrics, run_experiment, shared_layers
 
 GOLDEN = Path(__file__).parent / "data" / "fp32_golden.json"
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,13 +7,14 @@ from typing import Any
 
 import pytest
 
+from cadfl.checks import check_range
+from cadfl.config import ConfigError, load_config
+from cadfl.engine.checkpoint import load_checkpoint
+from cadfl.engine.run import run_experiment
 from cadfl.fl import ALGORITHMS
 from cadfl.fl.fedavg import FedAvg
 from cadfl.fl.payload import State
-from cadfl.fl.registry import check_range, register
-from cadfl.sim.checkpoint import load_checkpoint
-from cadfl.sim.config import ConfigError, load_config
-from cadfl.sim.engine import run_experiment
+from cadfl.fl.registry import register
 
 
 @dataclass

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from cadfl.config import load_config
+from cadfl.engine.run import run_experiment
 from cadfl.fl.aggregate import Contribution, Robustness, aggregate
-from cadfl.sim.config import load_config
-from cadfl.sim.engine import run_experiment
 
 
 def _contributions():

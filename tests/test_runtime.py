@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import cadfl.models.spec
+from cadfl.config import ConfigError, load_config
 from cadfl.data.datasets import load_dataset
-from cadfl.runtime import resolve_device
-from cadfl.sim.checkpoint import load_checkpoint
-from cadfl.sim.config import ConfigError, load_config
-from cadfl.sim.engine import Experiment, run_experiment
+from cadfl.device.compute import resolve_device
+from cadfl.engine.checkpoint import load_checkpoint
+from cadfl.engine.run import Experiment, run_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

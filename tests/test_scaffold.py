@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cadfl.data.augment import to_float
-from cadfl.fl.device import DeviceData, train_local
+from cadfl.device.train import DeviceData, train_local
 from cadfl.fl.payload import CONTROL, OWN_CONTROL, DeviceInfo, Payload, TrainConfig, Update
 from cadfl.fl.scaffold import Scaffold, parameter_names
 from cadfl.models import build_loaded, build_model, get_model

@@ -7,10 +7,11 @@ import torch
 
 from cadfl.cad.decouple import decouple
 from cadfl.cad.submodel import extract
+from cadfl.device.executor import Runtime
+from cadfl.device.store import DeviceStore, kept_entries, with_kept
 from cadfl.fl.payload import Payload, TrainConfig, Update
 from cadfl.fl.strategy import BN_STAT_KEYS
 from cadfl.models import build_model, get_model
-from cadfl.runtime import DeviceStore, Runtime, kept_entries, with_kept
 
 
 def _cad_submodel(classes):

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from cadfl.cli import main
-from cadfl.sim.config import ConfigError, load_config
-from cadfl.sim.sweep import parse_grid, score
+from cadfl.config import ConfigError, load_config
+from cadfl.sweep import parse_grid, score
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,13 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cadfl.config import load_config
+from cadfl.engine.checkpoint import load_checkpoint
+from cadfl.engine.run import Experiment, run_experiment
 from cadfl.fl.aggregate import Contribution, Robustness, aggregate
 from cadfl.fl.payload import Payload, TrainConfig, Update
 from cadfl.fl.validate import rejection
 from cadfl.models import build_model, get_model
-from cadfl.sim.checkpoint import load_checkpoint
-from cadfl.sim.config import load_config
-from cadfl.sim.engine import Experiment, run_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,14 +16,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cad.decouple import decouple
+from ..cad.preference import class_activation_sums, class_means, selectivity, suggest_depth
 from ..data.datasets import load_dataset
-from ..fl.precision import resolve_precision
+from ..device.compute import resolve_device
+from ..device.precision import resolve_precision
+from ..engine.checkpoint import load_model_checkpoint
 from ..models import ModelSpec, build_loaded
 from ..report.interpret import critical_paths, filter_grid, preference_heatmap, selectivity_plot
-from ..runtime.compute import resolve_device
-from ..sim.checkpoint import load_model_checkpoint
 from .maximize import Regularizer, maximize
-from .preference import class_activation_sums, class_means, selectivity, suggest_depth
 
 
 def _out_dir(args: argparse.Namespace, checkpoint: Path, what: str) -> Path:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fl.precision import autocast
+from ..device.precision import autocast
 from ..models import ModelSpec
 
 
@@ -72,7 +72,7 @@ def maximize(model: nn.Sequential, spec: ModelSpec, layer: str, filters: list[in
     data's standard deviation. `progress`, if given, is called once per step. The images are
     computed where the model is; the random draws come from a CPU generator, so the starting
     images and shifts are the same on every device. The forward pass runs at `precision`
-    (`cadfl.fl.precision`); the images and their updates stay float32. Returned on the CPU.
+    (`cadfl.device.precision`); the images and their updates stay float32. Returned on the CPU.
     """
     index = response_module(spec, layer)
     model.eval()

@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (registration)
     cad,
     central,
     ditto,
+    fed2,
     fedavg,
     fedper,
     fedprox,

@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..checks import check_range
 from ..models import ModelSpec
 from .fedavg import FedAvg
 from .payload import PERSONAL, Payload, State, TrainConfig
-from .registry import check_range, register
+from .registry import register
 
 PERSONAL_KEYS = (f"{PERSONAL}*",)
 

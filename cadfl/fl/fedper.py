@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..checks import check_range
 from ..models import ModelSpec
 from .fedavg import FedAvg
 from .payload import Payload, State
-from .registry import check_range, register
+from .registry import register
 from .strategy import Payloads
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..checks import check_range
 from .fedper import FedPer
 from .payload import TrainConfig
-from .registry import check_range, register
+from .registry import register
 
 
 @dataclass

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..cad.width import Maps, channel_window
 from .heterofl import HeteroFL, HeteroFLOptions
 from .registry import register
+from .width import Maps, channel_window
 
 
 @dataclass

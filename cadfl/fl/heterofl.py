@@ -3,7 +3,7 @@
 A device of rate r in (0, 1] receives the global model with every hidden conv and linear layer
 cut to its first ceil(r * width) output channels (the next layer to the matching inputs, batch
 norm to the kept channels; the logits layer keeps every class): a physically smaller dense
-network (`cadfl.cad.width`). The cloud averages every coordinate over the participants whose
+network (`cadfl.fl.width`). The cloud averages every coordinate over the participants whose
 sub-model holds it, weighted by their sample counts; coordinates nobody held keep their value.
 
 Label split (the paper's classifier for non-iid data): devices train with the logits of classes
@@ -38,13 +38,14 @@ import torch
 
 from ..cad.decouple import decouple
 from ..cad.submodel import submodel_spec
-from ..cad.width import Maps, channel_window, slice_state, width_maps
+from ..checks import check_one_of, check_range
+from ..device.train import train_flops_per_sample
 from ..models import ModelSpec
 from .aggregate import MEAN, Contribution, Robustness
-from .device import train_flops_per_sample
 from .payload import DeviceInfo, State, TrainConfig, Update
-from .registry import check_one_of, check_range, register
+from .registry import register
 from .strategy import Payloads, Setting, Strategy, Updates
+from .width import Maps, channel_window, slice_state, width_maps
 
 ASSIGN = ("round_robin", "random")
 

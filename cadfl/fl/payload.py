@@ -36,7 +36,7 @@ class TrainConfig:
     - `mask_absent`: cross-entropy over the logits of the classes the device holds only
       (HeteroFL's label split).
 
-    `precision` ("fp32" or "bf16", `cadfl.fl.precision`) is how the device computes; it
+    `precision` ("fp32" or "bf16", `cadfl.device.precision`) is how the device computes; it
     changes neither what is trained nor what is sent.
     """
 
@@ -95,7 +95,7 @@ class Payload:
     `keep` names the state tensors the device keeps between rounds (glob patterns over state
     keys, e.g. `"*.running_mean"` or `"*"`): where the device holds its own value, that value
     replaces the payload's before training, and the trained value is stored afterwards (by
-    layer and class path: see `cadfl.runtime.store`). Of those, the ones matching `private`
+    layer and class path: see `cadfl.device.store`). Of those, the ones matching `private`
     never leave the device: the update does not carry them.
     """
 

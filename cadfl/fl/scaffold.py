@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
+from ..checks import check_range
 from ..models import ModelSpec, build_model
 from .aggregate import Contribution, RunningMean, aggregate
 from .fedavg import FedAvg
 from .payload import CONTROL, OWN_CONTROL, Payload, State, TrainConfig, model_part
-from .registry import check_range, register
+from .registry import register
 from .strategy import Updates
 
 OWN_CONTROL_KEYS = (f"{OWN_CONTROL}*",)

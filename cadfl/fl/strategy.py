@@ -10,7 +10,7 @@ beyond its tensors (CAD's class paths) is its `structure`, saved beside it.
 
 What a device keeps between rounds (its batch-norm statistics, its own model, personal
 layers) is not in the global state: the payload names it (`Payload.keep`) and the device side
-keeps it (`cadfl.runtime.store`).
+keeps it (`cadfl.device.store`).
 """
 
 from __future__ import annotations
@@ -94,6 +94,12 @@ class Strategy(ABC):
         """The strategy for a run: its setting, and its `Options` as keyword arguments."""
         return cls(setting.spec, setting.train, setting.devices, bn=setting.bn,
                    robust=setting.robust, **(asdict(options) if options is not None else {}))
+
+    @staticmethod
+    def answers_others(options: Any) -> bool:
+        """Whether the strategy, with these settings, has an "Others" output (then the run
+        labels out-of-context images for it)."""
+        return False
 
     def initial_state(self, weights: State) -> State:
         """The round-0 global state from the dense model's initial weights."""

@@ -21,9 +21,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..runtime import Runtime
-from ..sim.config import Config, config_from_dict
-from ..sim.engine import Experiment
+from ..config import Config, config_from_dict
+from ..device.executor import Runtime
+from ..engine.run import Experiment
 from .codec import decode_payload, encode_update
 from .own_data import NodeData, RunData
 from .store import NodeStore

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import tomli_w
 
-from ..sim.config import load_config
-from ..sim.engine import read_metrics
+from ..config import load_config
+from ..engine.run import read_metrics
 from .env import child_env
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

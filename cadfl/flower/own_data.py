@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
+from ..config import Config
 from ..data.datasets import Dataset, load_folder
-from ..fl.device import DeviceData, label_map, predict
+from ..device.train import DeviceData, label_map, predict
 from ..fl.payload import State
 from ..models import ModelSpec
-from ..sim.config import Config
 
 
 @dataclass(frozen=True)

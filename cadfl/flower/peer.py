@@ -2,7 +2,7 @@
 
 `flwr.serverapp.strategy.FedAvg` samples the nodes, sends the global `ArrayRecord`, and
 averages the replies weighted by `num-examples` (in float32, as Flower does); the ClientApp
-here trains with `cadfl.fl.device.train_local` on the node's own partition, with the same
+here trains with `cadfl.device.train.train_local` on the node's own partition, with the same
 per-device seed as cadfl's FedAvg. Same partition, same model and initialisation: its
 `global_acc` curve should match cadfl's `fedavg` up to float rounding.
 """
@@ -18,12 +18,12 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from ..fl.device import accuracy, predict, train_local
+from ..config import Config
+from ..device.train import accuracy, predict, train_local
+from ..engine.run import Experiment
 from ..fl.payload import Payload, TrainConfig
 from ..fl.strategy import device_seed
 from ..models import ModelSpec
-from ..sim.config import Config
-from ..sim.engine import Experiment
 from .client_app import _threads, node_experiment, node_partition
 from .env import flower_environment
 from .simulation import backend_config, stop_leftovers

@@ -2,7 +2,7 @@
 
 The ServerApp holds the whole cloud side exactly as the in-process engine does: it builds the
 experiment (data, partition, initial weights, test set), runs every algorithm of the config
-through `cadfl.sim.engine.run_experiment`, evaluates in place and writes the same run
+through `cadfl.engine.run.run_experiment`, evaluates in place and writes the same run
 directory. Only the `execute` step differs: payloads go to Flower nodes as messages
 (`FlowerExecutor`), and updates come back from them.
 
@@ -29,13 +29,13 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from ..config import Config, load_config
+from ..device.executor import Job, Result
+from ..device.train import run_task
+from ..engine.checkpoint import load_checkpoint
+from ..engine.run import Experiment, run_dataset, run_experiment
 from ..fl.central import POOLED
-from ..fl.device import run_task
 from ..fl.payload import Payload, Update
-from ..runtime import Job, Result
-from ..sim.checkpoint import load_checkpoint
-from ..sim.config import Config, load_config
-from ..sim.engine import Experiment, run_dataset, run_experiment
 from .client_app import CLASSES, COUNTS, EXPERIMENT, IDENTITY, PARTITION_ID, SCORES
 from .codec import decode_update, encode_payload
 from .own_data import RunData, count_scores, server_dataset, with_reports

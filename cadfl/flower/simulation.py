@@ -18,8 +18,8 @@ import os
 import time
 from pathlib import Path
 
-from ..sim.config import Config
-from ..sim.engine import read_metrics
+from ..config import Config
+from ..engine.run import read_metrics
 from .env import flower_env
 
 

@@ -1,6 +1,6 @@
 """A device's kept tensors in its Flower node's `Context.state`: the runtime's store on a node.
 
-`NodeStore` has the `get`/`put` of `cadfl.runtime.DeviceStore`, so a `Runtime` on a Flower node
+`NodeStore` has the `get`/`put` of `cadfl.device.DeviceStore`, so a `Runtime` on a Flower node
 keeps batch-norm statistics, personal layers or a `local` model where the device is, entries
 keyed by layer and class path exactly as in the simulation. Each algorithm of a run has an
 `ArrayRecord` of its own per device (a run may train several algorithms on the same nodes).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from ..runtime.store import Entries
+from ..device.store import Entries
 
 PREFIX = "cadfl-store"
 

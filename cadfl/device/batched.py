@@ -8,7 +8,7 @@ channels i*C..(i+1)*C-1 of the stacked batch), a linear layer is one `torch.badd
 device dimension, and SGD is one fused (`torch._foreach_*`) update over the stacked tensors.
 Every step costs the operator calls of one model instead of N.
 
-Each device keeps its own semantics exactly as `cadfl.fl.device.train_local` defines them:
+Each device keeps its own semantics exactly as `cadfl.device.train.train_local` defines them:
 its own sample order and augmentation from its own `config.seed` (the same generator calls in
 the same sequence), its own mean cross-entropy over its own batch, FedProx's proximal term,
 torch's SGD (weight decay added to the gradient, momentum buffer starting at the first d_p, no
@@ -48,10 +48,10 @@ import torch
 import torch.nn.functional as F
 
 from ..data.augment import crop_flip, crop_flip_draws
-from ..fl.device import DeviceData, own_samples, train_flops_per_sample
 from ..fl.payload import Payload, TrainConfig, Update
-from ..fl.precision import autocast
 from ..models import Layer, ModelSpec
+from .precision import autocast
+from .train import DeviceData, own_samples, train_flops_per_sample
 
 BN_MOMENTUM = 0.1  # torch's BatchNorm2d defaults, as `build_model` creates them
 BN_EPS = 1e-5

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from itertools import islice
 
-from ..fl.device import DeviceData, run_task
 from ..fl.payload import PERSONAL, Payload, State, Update, model_part
 from .store import DeviceStore, kept_entries, with_kept
+from .train import DeviceData, run_task
 
 Job = tuple[int, Payload]
 Result = tuple[int, Payload, Update | None]

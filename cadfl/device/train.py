@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..analysis.preference import class_activation_sums
+from ..cad.preference import class_activation_sums
 from ..data.augment import random_crop_flip, to_float
-from ..models import ModelSpec, build_model
-from .payload import (
+from ..fl.payload import (
     CONTROL,
     OWN_CONTROL,
     PERSONAL,
@@ -28,6 +27,7 @@ from .payload import (
     matches,
     model_part,
 )
+from ..models import ModelSpec, build_model
 from .precision import autocast
 
 EVAL_BATCH = 1000

@@ -26,7 +26,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..fl import ALGORITHMS
 from .config import (
     Config,
     ConfigError,
@@ -35,7 +34,8 @@ from .config import (
     merged,
     parse_override,
 )
-from .engine import read_metrics, run_experiment
+from .engine.run import read_metrics, run_experiment
+from .fl import ALGORITHMS
 
 LAST = 3
 DEFAULT_VALIDATION = 0.1
@@ -165,7 +165,7 @@ def _finite(x: float) -> float:
 def write_sweep(result: SweepResult, out: Path, base: Config, rounds: int,
                 validation: float) -> None:
     """sweep.md (the grid as a table, best marked), sweep.json, heatmap.png, tuned.toml."""
-    from ..report.plots import plot_heatmap
+    from .report.plots import plot_heatmap
 
     labels = [", ".join(f"{k}={v}" for k, v in zip(result.keys, p, strict=True))
               for p in result.points]

@@ -16,9 +16,9 @@ from typing import Any
 
 import tomli_w
 
-from ..fl.precision import PRECISIONS
-from ..fl.registry import check_one_of, check_range
-from ..runtime.compute import DEVICE_PATTERN
+from .checks import check_one_of, check_range
+from .device.compute import DEVICE_PATTERN
+from .device.precision import PRECISIONS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,7 +45,7 @@ DIGITS_LR = {"cad": 0.02, "fed2": 0.02, "fedavg": 0.02, "fedprox": 0.02, "scaffo
 
 def default_options() -> dict[str, Any]:
     """Every registered algorithm's settings at their defaults."""
-    from ..fl import ALGORITHMS
+    from .fl import ALGORITHMS
 
     return {name: cls.Options() for name, cls in ALGORITHMS.items() if cls.Options is not None}
 
@@ -277,9 +277,9 @@ def _range(name: str, value: float, low: float, high: float | None = None,
 
 def validate(cfg: Config) -> Config:
     """Check names and ranges; returns `cfg` or raises ConfigError naming the field."""
-    from ..data.datasets import DATASETS
-    from ..fl import ALGORITHMS
-    from ..models import MODELS
+    from .data.datasets import DATASETS
+    from .fl import ALGORITHMS
+    from .models import MODELS
 
     def one_of(name: str, value: str, valid: typing.Iterable[str]) -> None:
         try:
@@ -383,7 +383,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     A top-level table named after an algorithm holds that algorithm's settings (its
     `Options`); algorithms not given get their defaults.
     """
-    from ..fl import ALGORITHMS
+    from .fl import ALGORITHMS
 
     data = dict(data)
     tables = {name: data.pop(name) for name in list(data)

@@ -13,9 +13,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from ..config import FaultsConfig
+from ..device.executor import Executor, Job, Result
 from ..fl.payload import Payload, Update
-from ..runtime import Executor, Job, Result
-from .config import FaultsConfig
 
 
 def corrupt(update: Update, rng: np.random.Generator) -> Update:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..data.augment import to_float
-from ..fl.precision import autocast
+from ..device.precision import autocast
 from ..models import ModelSpec, build_loaded
 
 Sums = dict[str, torch.Tensor]
@@ -42,7 +42,7 @@ def class_activation_sums(spec: ModelSpec, state: dict[str, torch.Tensor], x: to
     """Per-class sums (K, F) of every filter's mean post-ReLU activation, and class counts (K,).
 
     `x` are uint8 images, `y` global labels; the model runs where `x` is, at `precision`
-    (`cadfl.fl.precision`), and the sums stay there. Sums are float64 so that devices' sums
+    (`cadfl.device.precision`), and the sums stay there. Sums are float64 so that devices' sums
     add up exactly enough to be merged in the cloud.
     """
     model = build_loaded(spec, state, x.device).eval()

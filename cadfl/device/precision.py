@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .registry import check_one_of
+from ..checks import check_one_of
 
 PRECISIONS = ("fp32", "bf16", "auto")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")

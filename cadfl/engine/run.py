@@ -22,23 +22,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..config import Config, ConfigError
 from ..data.augment import to_float
+from ..data.context import Schedule, gains
 from ..data.datasets import Dataset, load_dataset
 from ..data.partition import Partition, hold_out, make_partition, share_classes
+from ..device.compute import resolve_device, to_compute
+from ..device.executor import Executor, Result, Runtime
+from ..device.precision import autocast, memory_format, resolve_precision
+from ..device.store import DeviceStore
+from ..device.train import EVAL_BATCH, DeviceData, accuracy, label_map, load_model, predict
 from ..fl import ALGORITHMS, Setting, Strategy
 from ..fl.aggregate import Robustness
 from ..fl.central import POOLED
-from ..fl.device import EVAL_BATCH, DeviceData, accuracy, label_map, load_model, predict
 from ..fl.payload import DeviceInfo, Payload, State, TrainConfig, Update, state_bytes
-from ..fl.precision import autocast, memory_format, resolve_precision
 from ..fl.strategy import device_seed
 from ..fl.validate import rejection
 from ..models import ModelSpec, build_model, get_model
 from ..report.summary import markdown_table, summarize
-from ..runtime import DeviceStore, Executor, Result, Runtime, resolve_device, to_compute
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, ConfigError
-from .context import Schedule, gains
 from .faults import with_faults
 
 log = logging.getLogger("cadfl")
@@ -190,8 +192,8 @@ class Experiment:
             spec = spec.replace_layers(list(spec.layers), first)
         torch.manual_seed(cfg.seed)
         init = {k: v.clone() for k, v in build_model(spec).state_dict().items()}
-        others_path = any(cfg.options_of(a).others for a in ("cad", "fed2")
-                          if a in cfg.algorithms)
+        others_path = any(ALGORITHMS[a].answers_others(cfg.options_of(a))
+                          for a in cfg.algorithms)
         other = ds.num_classes if others_path or cfg.partition.other_fraction else None
         others = out_of_context(ds.train_y, kept, schedule.held, list(map(len, part.indices)),
                                 cfg.partition.other_fraction, cfg.seed)
