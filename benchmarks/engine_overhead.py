@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from cadfl.config import load_config
 from cadfl.data.augment import random_crop_flip, to_float
 from cadfl.data.datasets import Dataset, channel_stats
-from cadfl.engine.run import Experiment, sample_devices
+from cadfl.engine.experiment import Experiment
+from cadfl.engine.rounds import train_round
+from cadfl.engine.sampling import sample_devices
 from cadfl.fl.payload import State, TrainConfig
 from cadfl.fl.strategy import device_seed
 from cadfl.models import MODELS, build_model
@@ -144,7 +146,7 @@ def main() -> None:
           f"round; torch threads {torch.get_num_threads()}")
 
     rnd = 1  # every repetition redoes round 1 from the same weights: identical work
-    engine_state, _ = exp.train_round(strategy, rnd, init)  # warm-up (FLOP count is cached)
+    engine_state, _ = train_round(exp, strategy, rnd, init)  # warm-up (FLOP count is cached)
     bare_state = bare_round(exp, rnd, init, models, inputs)
     diff = max((engine_state[k].double() - bare_state[k].double()).abs().max().item()
                for k in init)
@@ -156,7 +158,7 @@ def main() -> None:
         bare_round(exp, rnd, init, models, inputs)
         bare_times.append(time.perf_counter() - start)
         start = time.perf_counter()
-        exp.train_round(strategy, rnd, init)
+        train_round(exp, strategy, rnd, init)
         engine_times.append(time.perf_counter() - start)
     bare, engine = statistics.median(bare_times), statistics.median(engine_times)
     print("bare   s/round: " + " ".join(f"{t:.3f}" for t in bare_times) + f"  median {bare:.3f}")

@@ -43,7 +43,7 @@ def breakdown(cfg) -> dict[str, float]:
     import sys
 
     from cadfl.device.train import run_task
-    from cadfl.engine.run import Experiment
+    from cadfl.engine.experiment import Experiment
 
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import cadfl.flower.client_app"], check=True)

@@ -3,8 +3,8 @@
 Before: float32, every device's own model run on its own test images one device at a time
 (the evaluation as it was). After: at `--precision` (default auto), with the layers that the
 devices' models share (FedPer's and FedRep's body) run once over the test images and only each
-device's own layers per device (`Experiment.score_devices`). Models scored with the global
-model (FedAvg, CAD) take one pass of it either way and differ only by precision. Each
+device's own layers per device (`cadfl.engine.evaluate.score_devices`). Models scored with
+the global model (FedAvg, CAD) take one pass of it either way and differ only by precision. Each
 algorithm trains `--rounds` rounds first so that devices hold models of their own; then both
 evaluations of a round run alternately `--repeats` times, medians reported, in this process.
 
@@ -14,20 +14,39 @@ evaluations of a round run alternately `--repeats` times, medians reported, in t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 from throughput import machine_header
 
+import cadfl.engine.evaluate as evaluation
 from cadfl.config import load_config
 from cadfl.device.precision import PRECISIONS, resolve_precision
-from cadfl.engine.run import Experiment, set_threads
+from cadfl.engine.evaluate import evaluate, score_device
+from cadfl.engine.experiment import Experiment
+from cadfl.engine.rounds import train_round
+from cadfl.engine.run import set_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 XDEV = ("partition.k=5", "test_fraction=0.2")
+
+
+@contextlib.contextmanager
+def one_by_one(on: bool) -> Iterator[None]:
+    """The evaluation as it was, when `on`: each device's own model on its own images, one
+    device after another (no shared layers)."""
+    shared = evaluation.score_devices
+    if on:
+        evaluation.score_devices = lambda exp, models: [score_device(exp, *m) for m in models]
+    try:
+        yield
+    finally:
+        evaluation.score_devices = shared
 
 
 def main() -> None:
@@ -45,8 +64,6 @@ def main() -> None:
     exp = Experiment.setup(cfg)
     after_precision = resolve_precision(args.precision, exp.compute)
     before = replace(exp, precision="fp32", _on_device=None, _cache={})
-    # The evaluation as it was: each device's model on its own images, one after another.
-    before.score_devices = lambda models: [before.score_device(*m) for m in models]
     after = replace(exp, precision=after_precision, _on_device=None, _cache={})
     print(machine_header(exp.compute))
     print(f"xdev-5cls: {cfg.devices} devices scored on {len(exp.dataset.test_y)} test images; "
@@ -59,13 +76,15 @@ def main() -> None:
         runtime = after.runtime()
         state = strategy.initial_state(exp.init)
         for rnd in range(1, args.rounds + 1):
-            state, _ = after.train_round(strategy, rnd, state, runtime)
+            state, _ = train_round(after, strategy, rnd, state, runtime)
         times: dict[str, list[float]] = {"before": [], "after": []}
         accs = {}
         for _ in range(args.repeats):
             for label, e in (("before", before), ("after", after)):
                 start = time.perf_counter()
-                accs[label] = e.evaluate(strategy, args.rounds, state, runtime)["context_acc"]
+                with one_by_one(label == "before"):
+                    accs[label] = evaluate(e, strategy, args.rounds, state,
+                                           runtime)["context_acc"]
                 times[label].append(time.perf_counter() - start)
         b, a = statistics.median(times["before"]), statistics.median(times["after"])
         print(f"{name:<10} {b:>9.2f} {a:>8.2f} {b / a:>7.2f}x {accs['before']:>18.4f} "

@@ -17,6 +17,7 @@ from typing import Any
 import tomli_w
 
 from .checks import check_one_of, check_range
+from .data.datasets import Dataset, load_dataset
 from .device.compute import DEVICE_PATTERN
 from .device.precision import PRECISIONS
 
@@ -424,3 +425,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                 raise ConfigError(f"--set {text!r}: {k} is not a section")
         node[keys[-1]] = value
     return config_from_dict(data)
+
+
+def dataset_of(cfg: Config) -> Dataset:
+    """The dataset `cfg` names, its loader's options from `[synthetic]` or `[folder]`."""
+    options = {"synthetic": cfg.synthetic, "folder": cfg.folder}.get(cfg.dataset)
+    return load_dataset(cfg.dataset, cfg.data_dir or None, **(asdict(options) if options else {}))

@@ -29,7 +29,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,9 @@ from torch import nn
 from .analysis.profile import profile_spec
 from .cad.decouple import Decoupling
 from .cad.submodel import extract
-from .config import load_config
-from .data.datasets import Dataset, load_dataset
-from .engine.checkpoint import CheckpointError, load_model_checkpoint
+from .data.datasets import Dataset
+from .device.score import restricted_predictions
+from .engine.checkpoint import CheckpointError, checkpoint_dataset, load_model_checkpoint
 from .models import ModelSpec, build_loaded, count_params
 
 State = dict[str, torch.Tensor]
@@ -123,20 +123,6 @@ class ExportModel:
         return {k: json.dumps(v) for k, v in meta.items()}
 
 
-def _run_dataset(path: Path, record: dict[str, Any], data_dir: str | None) -> Dataset:
-    # A checkpoint lives in RUN/checkpoints/; RUN/config.toml names the dataset and its options.
-    config = path.parent.parent / "config.toml"
-    if config.exists():
-        overrides = [f"data_dir={json.dumps(data_dir)}"] if data_dir else []
-        cfg = load_config(config, overrides)
-        options = asdict(cfg.synthetic) if cfg.dataset == "synthetic" else {}
-        return load_dataset(cfg.dataset, cfg.data_dir or None, **options)
-    if not record.get("dataset"):
-        raise CheckpointError(f"{path}: no run config.toml beside checkpoints/ and no dataset "
-                              "in the record: cannot tell the input normalisation")
-    return load_dataset(record["dataset"], data_dir)
-
-
 def load_source(checkpoint: str | Path, data_dir: str | None = None) -> Source:
     """Load a run's checkpoint, its dataset and (for CAD/Fed2) its decoupling."""
     path = Path(checkpoint)
@@ -145,7 +131,7 @@ def load_source(checkpoint: str | Path, data_dir: str | None = None) -> Source:
     dec = Decoupling.from_dict(structure["decoupling"]) if structure.get("decoupled") else None
     if dec is not None and dec.spec != spec:
         raise CheckpointError(f"{path}: the saved decoupling does not describe the saved model")
-    ds = _run_dataset(path, record, data_dir)
+    ds = checkpoint_dataset(path, record, data_dir)
     if tuple(spec.input_shape) != ds.input_shape:
         raise CheckpointError(f"{path}: model input {spec.input_shape} does not match the "
                               f"{ds.name} images {ds.input_shape}")
@@ -329,8 +315,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, outputs: Sequence[int],
              classes: Sequence[int]) -> float:
     """Share of images whose highest logit among `classes` (class ids; a subset of the
     file's `outputs`) is their label."""
-    cols = torch.tensor([list(outputs).index(c) for c in classes])
-    pred = torch.tensor(classes)[logits.index_select(1, cols).argmax(1)]
+    pred = restricted_predictions(logits, outputs, classes)
     return float((pred == labels).double().mean())
 
 

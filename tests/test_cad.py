@@ -7,12 +7,12 @@ from hypothesis import strategies as st
 
 from cadfl.cad.decouple import decouple
 from cadfl.cad.submodel import extract, index_map
-from cadfl.device.train import train_flops_per_sample
 from cadfl.fl.aggregate import Contribution, aggregate
 from cadfl.fl.cad import CAD
 from cadfl.fl.fed2 import Fed2
 from cadfl.fl.payload import DeviceInfo, TrainConfig, Update, state_bytes
 from cadfl.models import SpecError, build_model, get_model
+from cadfl.models.flops import train_flops_per_sample
 from cadfl.models.spec import spec_from_config
 
 

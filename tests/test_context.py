@@ -18,8 +18,9 @@ from cadfl.cad.submodel import extract
 from cadfl.config import ConfigError, ContextChange, load_config
 from cadfl.data.context import Schedule
 from cadfl.data.partition import make_partition, share_classes
-from cadfl.device.train import predict
-from cadfl.engine.run import Experiment, run_experiment
+from cadfl.device.score import predict
+from cadfl.engine.experiment import Experiment
+from cadfl.engine.run import run_experiment
 from cadfl.fl.cad import CAD
 from cadfl.fl.fedavg import FedAvg
 from cadfl.fl.payload import DeviceInfo, TrainConfig

@@ -15,10 +15,15 @@ import torch.nn.functional as F
 
 from cadfl.cli import main
 from cadfl.config import Config, load_config
+from cadfl.device.score import predict
 from cadfl.device.store import DeviceStore, with_kept
-from cadfl.device.train import DeviceData, predict, train_local
+from cadfl.device.train import DeviceData, train_local
 from cadfl.engine.checkpoint import load_checkpoint
-from cadfl.engine.run import Experiment, run_experiment, sample_devices
+from cadfl.engine.evaluate import evaluate
+from cadfl.engine.experiment import Experiment
+from cadfl.engine.rounds import train_round
+from cadfl.engine.run import run_experiment
+from cadfl.engine.sampling import sample_devices
 from cadfl.fl.aggregate import is_bn_stat
 from cadfl.fl.payload import Payload
 from cadfl.fl.strategy import device_seed
@@ -97,7 +102,7 @@ def test_fedavg_one_device_one_round_is_plain_local_training(digits):
                              'algorithms=["fedavg"]'])
     exp = Experiment.setup(cfg, digits)
     strategy = exp.strategy("fedavg")
-    state, _ = exp.train_round(strategy, 1, strategy.initial_state(exp.init))
+    state, _ = train_round(exp, strategy, 1, strategy.initial_state(exp.init))
 
     # The same training done by hand: the whole training set, the initial weights, the
     # device's seed for round 1.
@@ -123,7 +128,7 @@ def test_fedprox_with_mu_zero_is_fedavg(digits):
         strategy = exp.strategy(name)
         state = strategy.initial_state(exp.init)
         for rnd in (1, 2):
-            state, _ = exp.train_round(strategy, rnd, state)
+            state, _ = train_round(exp, strategy, rnd, state)
         states[name] = state
     assert set(states["fedavg"]) == set(states["fedprox"])
     for key in states["fedavg"]:
@@ -148,8 +153,8 @@ def test_fedprox_keeps_devices_closer_to_the_global_model(digits):
         moved_prox = distance(train_local(prox_payloads[d], exp.data(d)).state, exp.init)
         assert 0 < moved_prox < moved_avg, (d, moved_prox, moved_avg)
 
-    after_avg, _ = exp.train_round(fedavg, 1, fedavg.initial_state(exp.init))
-    after_prox, _ = exp.train_round(fedprox, 1, fedprox.initial_state(exp.init))
+    after_avg, _ = train_round(exp, fedavg, 1, fedavg.initial_state(exp.init))
+    after_prox, _ = train_round(exp, fedprox, 1, fedprox.initial_state(exp.init))
     assert not torch.equal(after_avg["conv1.weight"], after_prox["conv1.weight"])
 
 
@@ -276,7 +281,7 @@ def test_keep_local_bn_scores_each_device_with_its_own_statistics(digits):
     # 3 local epochs, so that the devices' statistics move far enough to change predictions.
     exp = Experiment.setup(small("bn=keep_local", "sample=0.5", "train.epochs=3"), digits)
     strategy, runtime = exp.strategy("fedavg"), exp.runtime()
-    state, _ = exp.train_round(strategy, 1, strategy.initial_state(exp.init), runtime)
+    state, _ = train_round(exp, strategy, 1, strategy.initial_state(exp.init), runtime)
     participants = sample_devices(exp.cfg.seed, 1, range(exp.cfg.devices), 2)
     key = "bn1.running_mean"
     accs, accs_global = [], []
@@ -287,7 +292,7 @@ def test_keep_local_bn_scores_each_device_with_its_own_statistics(digits):
         accs.append(own_class_accuracy(exp.spec, own, digits, d.classes))
         accs_global.append(own_class_accuracy(exp.spec, state, digits, d.classes))
     assert not torch.equal(runtime.store.get(participants[0])[key], state[key])
-    evals = exp.evaluate(strategy, 1, state, runtime)
+    evals = evaluate(exp, strategy, 1, state, runtime)
     assert evals["context_acc"] == pytest.approx(sum(accs) / len(accs), abs=1e-6)
     assert accs != accs_global  # otherwise this test could not tell the two apart
 

@@ -8,7 +8,8 @@ import torch
 
 from cadfl.config import ConfigError, load_config
 from cadfl.engine.checkpoint import load_checkpoint
-from cadfl.engine.run import Experiment, run_experiment
+from cadfl.engine.experiment import Experiment
+from cadfl.engine.run import run_experiment
 from cadfl.fl.fed2 import Fed2
 from cadfl.fl.payload import DeviceInfo, TrainConfig, Update
 from cadfl.models import build_model, get_model

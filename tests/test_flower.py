@@ -28,7 +28,8 @@ from flwr.app import Context, Message, RecordDict  # noqa: E402
 
 from cadfl.cli import main as cli_main  # noqa: E402
 from cadfl.config import load_config  # noqa: E402
-from cadfl.engine.run import Experiment, read_metrics, run_experiment  # noqa: E402
+from cadfl.engine.experiment import Experiment  # noqa: E402
+from cadfl.engine.run import read_metrics, run_experiment  # noqa: E402
 from cadfl.fl.payload import Payload, TrainConfig, Update  # noqa: E402
 from cadfl.flower import client_app  # noqa: E402
 from cadfl.flower.codec import (  # noqa: E402

@@ -12,7 +12,7 @@ from PIL import Image
 
 from cadfl.config import ConfigError, load_config
 from cadfl.data.datasets import DataError, load_dataset, load_folder
-from cadfl.engine.run import Experiment
+from cadfl.engine.experiment import Experiment
 from cadfl.flower.own_data import count_scores, run_classes, server_dataset
 
 

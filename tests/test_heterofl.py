@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from cadfl.config import ConfigError, load_config
-from cadfl.device.train import train_flops_per_sample
-from cadfl.engine.run import Experiment, run_experiment
+from cadfl.engine.experiment import Experiment
+from cadfl.engine.run import run_experiment
 from cadfl.fl.cad import CAD
 from cadfl.fl.fedrolex import FedRolex
 from cadfl.fl.heterofl import HeteroFL
 from cadfl.fl.payload import DeviceInfo, TrainConfig, Update
 from cadfl.models import Layer, ModelSpec, build_model, get_model
+from cadfl.models.flops import train_flops_per_sample
 
 from .test_engine import Interrupt, assert_same_checkpoints, metrics, stop_after
 

@@ -12,7 +12,9 @@ from cadfl.config import load_config
 from cadfl.device.store import DeviceStore
 from cadfl.device.train import DeviceData, train_local
 from cadfl.engine.checkpoint import load_checkpoint
-from cadfl.engine.run import Experiment, run_experiment, sample_devices
+from cadfl.engine.experiment import Experiment
+from cadfl.engine.run import run_experiment
+from cadfl.engine.sampling import sample_devices
 from cadfl.fl.fedper import head_patterns
 from cadfl.fl.payload import PERSONAL, Payload, TrainConfig, model_part
 from cadfl.models import build_model, get_model

@@ -18,8 +18,12 @@ from cadfl.config import ConfigError, load_config
 from cadfl.data.augment import crop_flip, crop_flip_draws
 from cadfl.device import precision as prec
 from cadfl.device.batched import train_batched
+from cadfl.device.score import shared_layers
 from cadfl.device.train import DeviceData, train_local
-from cadfl.engine.run import Experiment, read_metrics, run_experiment, shared_layers
+from cadfl.engine.evaluate import score_device, score_devices
+from cadfl.engine.experiment import Experiment
+from cadfl.engine.rounds import train_round
+from cadfl.engine.run import read_metrics, run_experiment
 from cadfl.fl.payload import Payload, TrainConfig, state_bytes
 from cadfl.models import build_model, get_model
 
@@ -179,14 +183,14 @@ def test_personal_models_sharing_a_body_score_as_one_by_one(tmp_path):
     runtime = exp.runtime()
     state = strategy.initial_state(exp.init)
     for rnd in (1, 2):
-        state, _ = exp.train_round(strategy, rnd, state, runtime)
+        state, _ = train_round(exp, strategy, rnd, state, runtime)
     models = [(d, p.spec, runtime.own_state(d, p))
               for d, p in strategy.configure_evaluate(2, state, exp.holding())]
-    one_by_one = [exp.score_device(*m) for m in models]
-    together = exp.score_devices(models)
+    one_by_one = [score_device(exp, *m) for m in models]
+    together = score_devices(exp, models)
     assert 0 < shared_layers(exp.spec, [s for _, _, s in models]) < len(exp.spec.layers)
     for a, b in zip(together, one_by_one, strict=True):
         assert a[0] == pytest.approx(b[0], abs=1e-9)
     bf16 = replace(exp, precision="bf16", _on_device=None, _cache={})
-    assert [s[0] for s in bf16.score_devices(models)] == pytest.approx(
+    assert [s[0] for s in score_devices(bf16, models)] == pytest.approx(
         [s[0] for s in one_by_one], abs=0.05)

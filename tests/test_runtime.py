@@ -16,7 +16,10 @@ from cadfl.config import ConfigError, load_config
 from cadfl.data.datasets import load_dataset
 from cadfl.device.compute import resolve_device
 from cadfl.engine.checkpoint import load_checkpoint
-from cadfl.engine.run import Experiment, run_experiment
+from cadfl.engine.evaluate import evaluation_devices
+from cadfl.engine.experiment import Experiment
+from cadfl.engine.rounds import train_round
+from cadfl.engine.run import run_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -82,7 +85,7 @@ def test_a_round_holds_one_update_at_a_time(digits):
             alive.append(weakref.ref(u))
             yield d, p, u
 
-    exp.train_round(strategy, 1, strategy.initial_state(exp.init), execute)
+    train_round(exp, strategy, 1, strategy.initial_state(exp.init), execute)
     assert len(alive) == 6
     assert most <= 1  # every earlier update was folded in and freed before the next trained
 
@@ -102,10 +105,10 @@ def test_eval_devices_scores_a_seeded_sample_of_device_models(tmp_path, digits):
     lines = run_experiment(cfg, tmp_path, quiet=True, dataset=digits)
     assert [m["eval_devices"] for m in lines] == [2, 2]
     exp, again = Experiment.setup(cfg, digits), Experiment.setup(cfg, digits)
-    assert exp.evaluation_devices(2) == again.evaluation_devices(2)  # seeded, not random
-    assert len(set(exp.evaluation_devices(2))) == 2
-    assert {tuple(exp.evaluation_devices(r)) for r in range(1, 9)} != \
-        {tuple(exp.evaluation_devices(2))}  # a new sample every round
+    assert evaluation_devices(exp, 2) == evaluation_devices(again, 2)  # seeded, not random
+    assert len(set(evaluation_devices(exp, 2))) == 2
+    assert {tuple(evaluation_devices(exp, r)) for r in range(1, 9)} != \
+        {tuple(evaluation_devices(exp, 2))}  # a new sample every round
 
 
 def test_resume_reads_cads_structure_from_the_checkpoint(tmp_path, digits, monkeypatch):

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from cadfl.config import load_config
 from cadfl.engine.checkpoint import load_checkpoint
-from cadfl.engine.run import Experiment, run_experiment
+from cadfl.engine.experiment import Experiment
+from cadfl.engine.run import run_experiment
 from cadfl.fl.aggregate import Contribution, Robustness, aggregate
 from cadfl.fl.payload import Payload, TrainConfig, Update
 from cadfl.fl.validate import rejection

@@ -20,7 +20,7 @@ from ..cad.preference import class_activation_sums, class_means, selectivity, su
 from ..data.datasets import load_dataset
 from ..device.compute import resolve_device
 from ..device.precision import resolve_precision
-from ..engine.checkpoint import load_model_checkpoint
+from ..engine.checkpoint import checkpoint_dataset, load_model_checkpoint
 from ..models import ModelSpec, build_loaded
 from ..report.interpret import critical_paths, filter_grid, preference_heatmap, selectivity_plot
 from .maximize import Regularizer, maximize
@@ -41,7 +41,7 @@ def visualize_command(args: argparse.Namespace) -> int:
     """Draw what the chosen filters of one layer respond to; writes a PNG grid."""
     ckpt = Path(args.checkpoint)
     spec, state, record = load_model_checkpoint(ckpt)
-    ds = load_dataset(record.get("dataset", "cifar10"), args.data_dir)
+    ds = checkpoint_dataset(ckpt, record, args.data_dir)
     width = spec.layer(args.layer).out_ch if args.layer in spec.names else 0
     filters = args.filters if args.filters else list(range(min(16, width)))
     if any(not 0 <= f < width for f in filters):
@@ -93,7 +93,8 @@ def analyze_command(args: argparse.Namespace) -> int:
     """Preferences, selectivity by depth, suggested depth, and critical paths of a checkpoint."""
     ckpt = Path(args.checkpoint)
     spec, state, record = load_model_checkpoint(ckpt)
-    ds = load_dataset(args.dataset or record.get("dataset", "cifar10"), args.data_dir)
+    ds = (load_dataset(args.dataset, args.data_dir) if args.dataset
+          else checkpoint_dataset(ckpt, record, args.data_dir))
     n = min(args.samples, len(ds.test_y))
     dev = _compute(args)
     result = analyze_spec(spec, state, ds.test_x[:n].to(dev), ds.test_y[:n].to(dev),

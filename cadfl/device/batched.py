@@ -50,8 +50,9 @@ import torch.nn.functional as F
 from ..data.augment import crop_flip, crop_flip_draws
 from ..fl.payload import Payload, TrainConfig, Update
 from ..models import Layer, ModelSpec
+from ..models.flops import train_flops_per_sample
 from .precision import autocast
-from .train import DeviceData, own_samples, train_flops_per_sample
+from .train import DeviceData, own_samples
 
 BN_MOMENTUM = 0.1  # torch's BatchNorm2d defaults, as `build_model` creates them
 BN_EPS = 1e-5

@@ -6,7 +6,6 @@ spec says which class each logit stands for, and samples of other classes are le
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -27,13 +26,11 @@ from ..fl.payload import (
     matches,
     model_part,
 )
-from ..models import ModelSpec, build_model
+from ..models import ModelSpec
+from ..models.flops import train_flops_per_sample
+from .model import load_model
 from .precision import autocast
-
-EVAL_BATCH = 1000
-_train_flops_cache: dict[tuple, int] = {}
-# Meta-device model of each spec seen, and its state's dtypes.
-_skeletons: dict[ModelSpec, tuple[nn.Module, dict[str, torch.dtype]]] = {}
+from .score import label_map
 
 
 @dataclass
@@ -77,32 +74,6 @@ class DeviceData:
         return torch.bincount(self.y, minlength=self.num_classes).tolist()
 
 
-def load_model(spec: ModelSpec, state: State, device: torch.device | str = "cpu") -> nn.Module:
-    """The network of `spec` with `state` loaded on `device`, channels-last for speed."""
-    # Building a model, even on the meta device, runs its initialisers: milliseconds that a
-    # small model's whole local epoch can be worth. A copy of a cached meta-device skeleton
-    # takes the state's (copied) tensors as its own instead.
-    if spec not in _skeletons:
-        with torch.device("meta"):
-            skeleton = build_model(spec)
-        _skeletons[spec] = skeleton, {k: v.dtype for k, v in skeleton.state_dict().items()}
-    skeleton, dtypes = _skeletons[spec]
-    model = copy.deepcopy(skeleton)
-    own = {k: v.to(device=device, dtype=dtypes[k], copy=True,
-                   memory_format=torch.channels_last if v.dim() == 4 else torch.preserve_format)
-           for k, v in state.items()}
-    model.load_state_dict(own, assign=True)
-    return model
-
-
-def label_map(spec: ModelSpec, num_classes: int, device: torch.device | str = "cpu"
-              ) -> torch.Tensor:
-    """Global class id -> logit index of `spec` (-1 for classes the model does not have)."""
-    lut = torch.full((num_classes,), -1, dtype=torch.long)
-    lut[torch.tensor(spec.class_ids)] = torch.arange(spec.num_classes)
-    return lut.to(device)
-
-
 def own_samples(spec: ModelSpec, data: DeviceData) -> tuple[torch.Tensor, torch.Tensor,
                                                               torch.Tensor]:
     """The device's samples of the model's classes (others are left out): their rows in
@@ -112,19 +83,6 @@ def own_samples(spec: ModelSpec, data: DeviceData) -> tuple[torch.Tensor, torch.
     rows = own if data.index is None else data.index[own]
     global_y = data.labels[rows]
     return rows, lut[global_y], global_y
-
-
-def train_flops_per_sample(spec: ModelSpec) -> int:
-    """Forward + backward FLOPs of one training sample, counted by torch (cached per spec)."""
-    from ..analysis.profile import train_flops
-
-    # FLOPs depend on the layers, not on which classes the logits stand for: CAD sub-models
-    # of different contexts with as many classes share one count.
-    key = (spec.input_shape, spec.layers)
-    if key not in _train_flops_cache:
-        batch = 2  # batch norm needs more than one value per channel in training mode
-        _train_flops_cache[key] = train_flops(build_model(spec), spec.input_shape, batch) // batch
-    return _train_flops_cache[key]
 
 
 def train_local(payload: Payload, data: DeviceData) -> Update:
@@ -304,37 +262,3 @@ def run_task(payload: Payload, data: DeviceData) -> Update:
     if payload.task == "activations":
         return report_activations(payload, data)
     raise ValueError(f"unknown payload task {payload.task!r}; valid: {', '.join(TASKS)}")
-
-
-def predict(spec: ModelSpec, state: State, x: torch.Tensor, mean: tuple[float, ...],
-            std: tuple[float, ...], batch_size: int = EVAL_BATCH, precision: str = "fp32"
-            ) -> torch.Tensor:
-    """Logits (N, spec.num_classes) of the model on uint8 images, batched, in inference mode
-    at `precision`, computed where the images are; returned on the CPU in float32."""
-    model = load_model(spec, state, x.device).eval()
-    out = []
-    with torch.inference_mode(), autocast(precision, x.device):
-        for start in range(0, len(x), batch_size):
-            xb = to_float(x[start:start + batch_size], mean, std)
-            out.append(model(xb.contiguous(memory_format=torch.channels_last)).float())
-    return torch.cat(out).cpu() if out else torch.zeros(0, spec.num_classes)
-
-
-def accuracy(logits: torch.Tensor, y: torch.Tensor, spec: ModelSpec,
-             classes: tuple[int, ...] | None = None) -> float:
-    """Accuracy of `logits` (from `spec`'s model) on global labels `y`.
-
-    With `classes`, the prediction is restricted to those classes' logits and only samples of
-    those classes count: a device's accuracy within its own context.
-    """
-    ids = torch.tensor(spec.class_ids)
-    if classes is not None:
-        size = max(*spec.class_ids, *classes) + 1
-        pos = label_map(spec, size)[torch.tensor(classes)]
-        if (pos < 0).any():
-            raise ValueError(f"classes {classes} are not all among the model's {spec.class_ids}")
-        mask = torch.isin(y, torch.tensor(classes))
-        logits, y, ids = logits[mask][:, pos], y[mask], ids[pos]
-    if len(y) == 0:
-        return float("nan")
-    return (ids[logits.argmax(1)] == y).float().mean().item()

@@ -20,6 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..config import dataset_of, load_config
+from ..data.datasets import Dataset, load_dataset
 from ..models import ModelSpec, state_shapes
 
 log = logging.getLogger("cadfl")
@@ -123,3 +125,16 @@ def load_model_checkpoint(path: str | Path) -> tuple[ModelSpec, dict[str, torch.
     keys = state_shapes(spec).keys()
     return spec, {k: state[k] for k in keys}, record
 
+
+def checkpoint_dataset(path: Path, record: dict[str, Any], data_dir: str | None = None
+                       ) -> Dataset:
+    """The dataset of the run a checkpoint (at `path`, with `record`) came from, with the
+    run's dataset options: RUN/config.toml beside RUN/checkpoints/, else the record's name."""
+    config = path.parent.parent / "config.toml"
+    if config.exists():
+        overrides = [f"data_dir={json.dumps(data_dir)}"] if data_dir else []
+        return dataset_of(load_config(config, overrides))  # [folder] and [synthetic] too
+    if not record.get("dataset"):
+        raise CheckpointError(f"{path}: no run config.toml beside checkpoints/ and no dataset "
+                              "in the record: cannot tell the input normalisation")
+    return load_dataset(record["dataset"], data_dir)

@@ -39,8 +39,8 @@ import torch
 from ..cad.decouple import decouple
 from ..cad.submodel import submodel_spec
 from ..checks import check_one_of, check_range
-from ..device.train import train_flops_per_sample
 from ..models import ModelSpec
+from ..models.flops import train_flops_per_sample
 from .aggregate import MEAN, Contribution, Robustness
 from .payload import DeviceInfo, State, TrainConfig, Update
 from .registry import register

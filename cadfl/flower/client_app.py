@@ -23,7 +23,8 @@ from flwr.clientapp import ClientApp
 
 from ..config import Config, config_from_dict
 from ..device.executor import Runtime
-from ..engine.run import Experiment
+from ..engine.evaluate import score_device
+from ..engine.experiment import Experiment
 from .codec import decode_payload, encode_update
 from .own_data import NodeData, RunData
 from .store import NodeStore
@@ -140,7 +141,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if own is not None:
         record = MetricRecord(own.score(payload.spec, state, run, payload.config.precision))
     else:
-        scores = exp.score_device(device, payload.spec, state)
+        scores = score_device(exp, device, payload.spec, state)
         record = MetricRecord(dict(zip(("context_acc", "others_reject", "others_in_acc"),
                                        map(float, scores), strict=True)))
     return Message(RecordDict({SCORES: record}), reply_to=msg)

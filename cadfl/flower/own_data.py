@@ -22,7 +22,8 @@ import torch
 
 from ..config import Config
 from ..data.datasets import Dataset, load_folder
-from ..device.train import DeviceData, label_map, predict
+from ..device.score import predict, restricted_predictions
+from ..device.train import DeviceData
 from ..fl.payload import State
 from ..models import ModelSpec
 
@@ -145,9 +146,7 @@ class NodeData:
         other = len(run.classes)  # Others' label: one past the classes (if the run has it)
 
         def correct(answers: tuple[int, ...]) -> int:
-            pos = label_map(spec, max(*spec.class_ids, *answers) + 1)[torch.tensor(answers)]
-            pred = torch.tensor(answers)[logits[:, pos].argmax(1)]
-            return int((pred == y).sum())
+            return int((restricted_predictions(logits, spec.class_ids, answers) == y).sum())
 
         return {"correct": correct(classes), "total": len(y),
                 "correct_with_others": correct((*classes, other))

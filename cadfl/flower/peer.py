@@ -19,8 +19,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from ..config import Config
-from ..device.train import accuracy, predict, train_local
-from ..engine.run import Experiment
+from ..device.score import accuracy, predict
+from ..device.train import train_local
+from ..engine.experiment import Experiment
 from ..fl.payload import Payload, TrainConfig
 from ..fl.strategy import device_seed
 from ..models import ModelSpec

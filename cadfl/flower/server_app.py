@@ -29,11 +29,12 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ..config import Config, load_config
+from ..config import Config, dataset_of, load_config
 from ..device.executor import Job, Result
 from ..device.train import run_task
 from ..engine.checkpoint import load_checkpoint
-from ..engine.run import Experiment, run_dataset, run_experiment
+from ..engine.experiment import Experiment
+from ..engine.run import run_experiment
 from ..fl.central import POOLED
 from ..fl.payload import Payload, Update
 from .client_app import CLASSES, COUNTS, EXPERIMENT, IDENTITY, PARTITION_ID, SCORES
@@ -139,7 +140,7 @@ class FlowerExecutor:
         if simulated:
             raise FlowerError(f"{', '.join(simulated)}: needs a simulated partition, not the "
                               "nodes' own images")
-        run = run_dataset(cfg)
+        run = dataset_of(cfg)
         dataset = server_dataset(run, self.reports)
         self.experiment = Experiment.setup(cfg, dataset)
         self.run_data = RunData.of(dataset, self.experiment.label_space).to_json()
