@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import Field, fields, replace
 
 import pytest
 import torch
 
 from cadfl.cad.decouple import decouple
 from cadfl.cad.submodel import extract
-from cadfl.device.batched import batch_key, train_batched
+from cadfl.device.batched import BATCHED_FIELDS, batch_key, train_batched
 from cadfl.device.train import DeviceData, train_local
 from cadfl.fl.payload import Payload, TrainConfig, Update
 from cadfl.models import ModelSpec, build_model, get_model
@@ -135,3 +135,38 @@ def test_mixed_keys_are_refused() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_sequential_training_on_cuda() -> None:
     check(dense_jobs(get_model("lenet5", 10, batch_norm=True), CONFIG, device="cuda"))
+
+
+def _changed(field: Field, default: object) -> object:
+    """A value of `field` other than its default."""
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, int):
+        return default + 1
+    if isinstance(default, float):
+        return default / 2 if default > 0 else 0.1
+    if isinstance(default, tuple):
+        return ("fc*",)
+    if field.name == "precision":
+        return "bf16"
+    raise AssertionError(f"TrainConfig.{field.name}: no test value for {type(default)}")
+
+
+def test_every_train_config_field_is_batched_or_refused() -> None:
+    """Walks every field of TrainConfig: one that `train_batched` claims to implement gives a
+    batch key of its own value and, set away from its default, still trains as
+    `train_local` does; any other (a local-objective hook, today's or a new one) set away
+    from its default makes the payload train one device at a time (fail closed). bf16 is
+    compared within its own tolerance in tests/test_precision.py."""
+    payload = Payload(get_model("lenet5", 10), {}, CONFIG)
+    assert {f.name for f in fields(TrainConfig)} >= BATCHED_FIELDS
+    for field in fields(TrainConfig):
+        value = _changed(field, getattr(CONFIG, field.name))
+        key = batch_key(replace(payload, config=replace(CONFIG, **{field.name: value})))
+        if field.name not in BATCHED_FIELDS:
+            assert key is None, f"TrainConfig.{field.name} would be ignored by train_batched"
+        elif field.name != "seed":
+            assert key is not None and key != batch_key(payload), field.name
+            if field.name != "precision":
+                check(dense_jobs(get_model("digits_cnn", 10),
+                                 replace(CONFIG, **{field.name: value})))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import torch
 
 from cadfl.checks import check_range
 from cadfl.config import ConfigError, load_config
@@ -49,12 +50,16 @@ def shrink():
 
 
 def test_a_registered_algorithm_runs_with_its_own_settings(tmp_path, digits, shrink):
-    cfg = load_config(None, ['algorithms=["shrink"]', "rounds=1", "devices=2",
-                             "shrink.factor=0.25"])
+    """One round of "shrink" is FedAvg's round scaled by its own factor, tensor for tensor."""
+    cfg = load_config(None, ['algorithms=["fedavg", "shrink"]', "rounds=1", "devices=2",
+                             "overrides={}", "shrink.factor=0.25"])  # one learning rate
     assert cfg.options_of("shrink").factor == 0.25
     run_experiment(cfg, tmp_path, quiet=True, dataset=digits)
-    state, _ = load_checkpoint(tmp_path / "checkpoints", "shrink")
-    assert state["fc1.bias"].abs().max() < 1.0
+    shrunk, _ = load_checkpoint(tmp_path / "checkpoints", "shrink")
+    fedavg, _ = load_checkpoint(tmp_path / "checkpoints", "fedavg")
+    assert list(shrunk) == list(fedavg)
+    for k, v in fedavg.items():
+        assert torch.equal(shrunk[k], v * 0.25 if v.is_floating_point() else v), k
     with pytest.raises(ConfigError, match=r"shrink.factor: 2.0 is out of range"):
         load_config(None, ['algorithms=["shrink"]', "shrink.factor=2.0"])
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import cadfl.models.spec
 from cadfl.config import ConfigError, load_config
 from cadfl.data.datasets import load_dataset
 from cadfl.device.compute import resolve_device
@@ -20,6 +19,7 @@ from cadfl.engine.evaluate import evaluation_devices
 from cadfl.engine.experiment import Experiment
 from cadfl.engine.rounds import train_round
 from cadfl.engine.run import run_experiment
+from cadfl.fl.cad import CAD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -125,10 +125,13 @@ def test_resume_reads_cads_structure_from_the_checkpoint(tmp_path, digits, monke
     record = load_checkpoint(tmp_path / "run" / "checkpoints", "cad")[1]
     assert record["structure"]["decoupled"] and record["structure"]["decoupling"]["depth"] >= 0
 
-    # Shapes now say nothing true: a resume that inferred the structure from them would fail.
-    monkeypatch.setattr(cadfl.models.spec, "state_shapes",
-                        lambda spec: {"conv1.weight": torch.Size([1])})
+    # The resumed CAD takes up exactly the record's structure (the activation-assigned
+    # decoupling, which its tensors' shapes alone could not tell apart from a prior one).
+    taken = []
+    restore = CAD.restore
+    monkeypatch.setattr(CAD, "restore", lambda self, s: (taken.append(s), restore(self, s)))
     run_experiment(cfg, tmp_path / "run", resume=True, quiet=True, dataset=digits)
+    assert taken == [record["structure"]]
     assert lines_of(tmp_path / "run") == lines_of(tmp_path / "ref")
 
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -58,19 +58,29 @@ BN_MOMENTUM = 0.1  # torch's BatchNorm2d defaults, as `build_model` creates them
 BN_EPS = 1e-5
 
 
+# The `TrainConfig` fields `train_batched` implements. A payload whose config sets any other
+# field away from its default (a local-objective hook: FedRep's head epochs, Ditto's personal
+# model, SCAFFOLD's control variates, the label split, or any hook added later) trains one
+# device at a time: batched training fails closed, it never silently ignores a hook.
+BATCHED_FIELDS = frozenset({"epochs", "batch_size", "lr", "momentum", "weight_decay", "mu",
+                            "seed", "augment", "fraction", "precision"})
+_DEFAULTS = TrainConfig()
+
+
 def batch_key(payload: Payload) -> tuple | None:
     """Jobs whose payloads have equal keys can train together in `train_batched`: the same
     layers, input shape and training config except the seed (class ids may differ).
 
     None when the payload cannot be batched: a task other than training, dropout with
     p > 0 (its masks come from torch's global generator, which batched devices cannot share),
-    or a local-objective hook of `TrainConfig` (FedRep, Ditto, SCAFFOLD, label split).
+    or a config field outside `BATCHED_FIELDS` that is not at its default.
     """
     spec, cfg = payload.spec, payload.config
     if payload.task != "train" or any(layer.kind == "dropout" and layer.p > 0
                                       for layer in spec.layers):
         return None
-    if cfg.head_epochs or cfg.personal_lambda or cfg.control or cfg.mask_absent:
+    if any(getattr(cfg, f.name) != getattr(_DEFAULTS, f.name) for f in fields(TrainConfig)
+           if f.name not in BATCHED_FIELDS):
         return None  # local-objective hooks train one device at a time
     if any(layer.groups is not None and len(set(layer.groups)) > 1 for layer in spec.layers):
         return None  # unequal channel groups (Fed2 with uneven groups): one at a time
