@@ -23,6 +23,14 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def _add_model_compute(p: argparse.ArgumentParser) -> None:
+    """--device, --precision (fp32) and --quiet, for commands that run a checkpoint's model."""
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (CUDA if there is one), cpu, cuda, cuda:N")
+    _add_precision(p, "fp32")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _add_precision(p: argparse.ArgumentParser, default: str | None) -> None:
     """The --precision option (default None: the config's `precision`)."""
     from .device.precision import PRECISIONS
@@ -195,10 +203,7 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jitter", type=int, default=2, help="random shift, px (default 2)")
     p.add_argument("--data-dir", metavar="DIR", help="dataset folder (for normalisation)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/filters/NAME)")
-    p.add_argument("--device", default="auto",
-                   help="where the model runs: auto (CUDA if there is one), cpu, cuda, cuda:N")
-    _add_precision(p, "fp32")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_compute(p)
     p.set_defaults(handler=_cmd_visualize)
 
 
@@ -230,10 +235,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class", dest="cls", type=int, default=0,
                    help="class whose critical path is drawn (default 0)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/analysis/NAME)")
-    p.add_argument("--device", default="auto",
-                   help="where the model runs: auto (CUDA if there is one), cpu, cuda, cuda:N")
-    _add_precision(p, "fp32")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_compute(p)
     p.set_defaults(handler=_cmd_analyze)
 
 
@@ -304,7 +306,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import ExportError, export_command
+    from .export.command import export_command
+    from .export.model import ExportError
 
     for name in ("calibration", "repeats", "test_images"):
         if getattr(args, name) < 1:

@@ -2,7 +2,9 @@
 
 Every field has a type and an allowed range; a bad value fails before any work starts, with the
 field's dotted name and what is allowed. The defaults are the embedded demo (digits, 10 devices
-x 5 classes, a few dozen rounds): `cadfl run` with no config runs it.
+x 5 classes, a few dozen rounds): `cadfl run` with no config runs it. The tables below the top
+level are `cadfl.config_tables` and, for `[train]`, `cadfl.fl.payload.TrainConfig`: each checks
+its own values.
 """
 
 from __future__ import annotations
@@ -17,9 +19,19 @@ from typing import Any
 import tomli_w
 
 from .checks import check_one_of, check_range
+from .config_tables import (
+    AggregationConfig,
+    ContextChange,
+    FaultsConfig,
+    FolderConfig,
+    PartitionConfig,
+    SyntheticConfig,
+)
 from .data.datasets import Dataset, load_dataset
-from .device.compute import DEVICE_PATTERN
+from .device.compute import check_device_name
 from .device.precision import PRECISIONS
+from .fl.payload import TrainConfig
+from .fl.strategy import BN_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,85 +69,6 @@ def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     for key, value in changes.items():
         out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
     return out
-
-
-@dataclass
-class PartitionConfig:
-    """How training data is split over devices."""
-
-    scheme: str = "classes"  # iid | classes | dirichlet
-    k: int = 5  # classes per device (scheme "classes")
-    alpha: float = 0.5  # Dirichlet concentration (scheme "dirichlet")
-    other_fraction: float = 0.0  # out-of-context images per device, as a share of its own
-
-
-@dataclass
-class TrainSection:
-    """Local training on each device."""
-
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    augment: bool = True
-
-
-@dataclass
-class AggregationConfig:
-    """How the cloud combines the holders of each parameter (robust rules for hostile devices)."""
-
-    rule: str = "mean"  # mean | median | trimmed_mean
-    trim: float = 0.1  # trimmed_mean: share of the lowest and of the highest values dropped
-    clip: float = 0.0  # > 0: scale every update down to at most this L2 norm first
-
-
-@dataclass
-class FaultsConfig:
-    """Seeded faults injected in simulation (probabilities per device and round)."""
-
-    dropout: float = 0.0  # the device never answers
-    straggler: float = 0.0  # the device does only a random part of its local steps
-    corrupt: float = 0.0  # the device returns NaNs or a tensor of the wrong shape
-    byzantine: float = 0.0  # the device sends its update sign-flipped or scaled by 10
-
-
-@dataclass
-class SyntheticConfig:
-    """The generated `synthetic` dataset (dataset = "synthetic"): sizes and its own seed."""
-
-    images: int = 200_000  # training images (enough for 10,000 devices x 5 classes)
-    test_images: int = 2_000
-    classes: int = 10
-    channels: int = 1
-    size: int = 8  # images are size x size
-    seed: int = 0
-
-
-@dataclass
-class FolderConfig:
-    """The `folder` dataset (dataset = "folder", data_dir = DIR): images resized to size x size,
-    RGB (channels 3) or grayscale (1), a held-out share of every class as the test split.
-    Also how a Flower node reads its own images (node config data-dir)."""
-
-    size: int = 32
-    channels: int = 3
-    test_fraction: float = 0.2
-    seed: int = 0  # draws the held-out images
-
-
-@dataclass
-class ContextChange:
-    """From `round` on, `devices` (empty: every device) gain the classes `add` and lose the
-    classes `remove`. A class whose first change on a device adds it counts as not yet seen
-    there before that round; a class no device has seen yet is new to the global model
-    (New Class). A device gaining a class it has no images of gets a share of that class's
-    images (`cadfl.data.partition.share_classes`)."""
-
-    round: int = 1
-    devices: list[int] = field(default_factory=list)
-    add: list[int] = field(default_factory=list)
-    remove: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -182,7 +115,7 @@ class Config:
     bn: str = "average"
     min_devices: int = 1
     round_deadline: float = 600.0
-    train: TrainSection = field(default_factory=TrainSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     context: list[ContextChange] = field(default_factory=list)
@@ -201,6 +134,7 @@ class Config:
         """Plain nested dict (what is written to the run directory): each algorithm's
         settings as its own `[NAME]` table, per-algorithm overrides as `[overrides.NAME]`."""
         data = asdict(self)
+        data["train"] = {k: data["train"][k] for k in TrainConfig.SETTINGS}  # the rest: per run
         data.update(data.pop("options"))
         return data
 
@@ -259,7 +193,9 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls) if f.name != "options"]
+    # A class with `SETTINGS` (TrainConfig) takes only those from a file; Config's `options`
+    # come from the algorithms' own tables.
+    names = getattr(cls, "SETTINGS", None) or [f.name for f in fields(cls) if f.name != "options"]
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(prefix + u for u in unknown)}; "
@@ -268,101 +204,65 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _range(name: str, value: float, low: float, high: float | None = None,
-           low_open: bool = False) -> None:
-    try:
-        check_range(name, value, low, high, low_open)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
 def validate(cfg: Config) -> Config:
     """Check names and ranges; returns `cfg` or raises ConfigError naming the field."""
+    try:
+        _check(cfg)
+    except ValueError as exc:  # each check's message names the field and what is allowed
+        raise ConfigError(str(exc)) from None
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    """ValueError naming the first setting of `cfg` that is out of range or unknown."""
     from .data.datasets import DATASETS
     from .fl import ALGORITHMS
     from .models import MODELS
 
-    def one_of(name: str, value: str, valid: typing.Iterable[str]) -> None:
-        try:
-            check_one_of(name, value, valid)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-
-    one_of("dataset", cfg.dataset, DATASETS)
-    one_of("model", cfg.model, MODELS)
-    one_of("partition.scheme", cfg.partition.scheme, ("iid", "classes", "dirichlet"))
-    one_of("bn", cfg.bn, ("average", "keep_local"))
+    check_one_of("dataset", cfg.dataset, DATASETS)
+    check_one_of("model", cfg.model, MODELS)
+    check_one_of("bn", cfg.bn, BN_MODES)
     if not cfg.algorithms:
         raise ConfigError("algorithms: give at least one algorithm")
     for i, a in enumerate(cfg.algorithms):
-        one_of(f"algorithms[{i}]", a, ALGORITHMS)
+        check_one_of(f"algorithms[{i}]", a, ALGORITHMS)
     if len(set(cfg.algorithms)) != len(cfg.algorithms):
         raise ConfigError(f"algorithms: listed twice in {cfg.algorithms}")
-    _range("devices", cfg.devices, 1)
-    _range("min_devices", cfg.min_devices, 1)
-    _range("round_deadline", cfg.round_deadline, 0, low_open=True)
-    _range("rounds", cfg.rounds, 1)
-    _range("eval_every", cfg.eval_every, 1)
-    _range("seed", cfg.seed, 0)
-    _range("partition.k", cfg.partition.k, 1)
-    _range("partition.alpha", cfg.partition.alpha, 0, low_open=True)
-    _range("partition.other_fraction", cfg.partition.other_fraction, 0, 1)
+    check_range("devices", cfg.devices, 1)
+    check_range("min_devices", cfg.min_devices, 1)
+    check_range("round_deadline", cfg.round_deadline, 0, low_open=True)
+    check_range("rounds", cfg.rounds, 1)
+    check_range("eval_every", cfg.eval_every, 1)
+    check_range("seed", cfg.seed, 0)
+    for table in (cfg.partition, cfg.train, cfg.aggregation, cfg.faults, cfg.synthetic,
+                  cfg.folder):
+        table.check()
     for i, change in enumerate(cfg.context):
-        _range(f"context[{i}].round", change.round, 1, cfg.rounds)
-        for d in change.devices:
-            _range(f"context[{i}].devices", d, 0, cfg.devices - 1)
-        for c in (*change.add, *change.remove):
-            _range(f"context[{i}] class", c, 0)
-        both = sorted(set(change.add) & set(change.remove))
-        if both:
-            raise ConfigError(f"context[{i}]: classes {both} are both added and removed")
-    if not DEVICE_PATTERN.fullmatch(cfg.device):
-        raise ConfigError(f"device: unknown {cfg.device!r}; valid: auto, cpu, cuda, cuda:N")
-    one_of("precision", cfg.precision, PRECISIONS)
-    _range("batch_devices", cfg.batch_devices, 1)
-    _range("store_memory_mb", cfg.store_memory_mb, 0)
-    _range("eval_devices", cfg.eval_devices, 0)
-    for name in ("images", "test_images", "classes", "channels", "size"):
-        _range(f"synthetic.{name}", getattr(cfg.synthetic, name), 1)
-    if cfg.folder.channels not in (1, 3):
-        raise ConfigError(f"folder.channels: {cfg.folder.channels} is out of range, allowed "
-                          "1 (grayscale) or 3 (RGB)")
-    _range("folder.size", cfg.folder.size, 1)
-    _range("folder.test_fraction", cfg.folder.test_fraction, 0, 0.9)
-    _range("folder.seed", cfg.folder.seed, 0)
-    _range("target_acc", cfg.target_acc, 0, 1)
-    _range("data_fraction", cfg.data_fraction, 0, 1, low_open=True)
-    _range("test_fraction", cfg.test_fraction, 0, 1, low_open=True)
-    _range("validation_fraction", cfg.validation_fraction, 0, 0.5)
-    one_of("eval_split", cfg.eval_split, ("test", "validation"))
+        change.check(f"context[{i}]", cfg.rounds, cfg.devices)
+    check_device_name(cfg.device)
+    check_one_of("precision", cfg.precision, PRECISIONS)
+    check_range("batch_devices", cfg.batch_devices, 1)
+    check_range("store_memory_mb", cfg.store_memory_mb, 0)
+    check_range("eval_devices", cfg.eval_devices, 0)
+    check_range("target_acc", cfg.target_acc, 0, 1)
+    check_range("data_fraction", cfg.data_fraction, 0, 1, low_open=True)
+    check_range("test_fraction", cfg.test_fraction, 0, 1, low_open=True)
+    check_range("validation_fraction", cfg.validation_fraction, 0, 0.5)
+    check_one_of("eval_split", cfg.eval_split, ("test", "validation"))
     if cfg.eval_split == "validation" and not cfg.validation_fraction:
         raise ConfigError("eval_split: \"validation\" needs validation_fraction > 0 (the "
                           "share of every device's images held out for it)")
     if cfg.sample < 1 if isinstance(cfg.sample, int) else not 0 < cfg.sample <= 1:
         raise ConfigError(f"sample: {cfg.sample!r} is out of range, allowed a fraction of "
                           "devices in (0, 1] or a whole number of devices >= 1")
-    _range("train.epochs", cfg.train.epochs, 1)
-    _range("train.batch_size", cfg.train.batch_size, 1)
-    _range("train.lr", cfg.train.lr, 0, low_open=True)
-    _range("train.momentum", cfg.train.momentum, 0, 1)
-    _range("train.weight_decay", cfg.train.weight_decay, 0)
-    one_of("aggregation.rule", cfg.aggregation.rule, ("mean", "median", "trimmed_mean"))
-    _range("aggregation.trim", cfg.aggregation.trim, 0, 0.49)
-    _range("aggregation.clip", cfg.aggregation.clip, 0)
-    for name in ("dropout", "straggler", "corrupt", "byzantine"):
-        _range(f"faults.{name}", getattr(cfg.faults, name), 0, 1)
     for options in cfg.options.values():
-        try:
-            options.check(cfg)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        options.check(cfg)
     for name, changes in cfg.overrides.items():
-        one_of("overrides", name, ALGORITHMS)
+        check_one_of("overrides", name, ALGORITHMS)
         allowed = (*OVERRIDABLE, *([name] if name in cfg.options else []))
         for key in changes:
-            one_of(f"overrides.{name}", key, allowed)
+            check_one_of(f"overrides.{name}", key, allowed)
         cfg.for_algorithm(name)  # its values are checked like any other
-    return cfg
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -76,7 +76,7 @@ def check(jobs: list[tuple[Payload, DeviceData]]) -> None:
 
 
 CONFIG = TrainConfig(epochs=2, batch_size=8, lr=0.05, momentum=0.9, weight_decay=5e-4,
-                     mu=0.1, fraction=0.8, augment=True)
+                     objective="prox", objective_args=(("mu", 0.1),), fraction=0.8, augment=True)
 
 
 @pytest.mark.parametrize(("name", "batch_norm"), [("lenet5", False), ("lenet5", True),
@@ -90,9 +90,10 @@ def test_dense_models_match_sequential_training(name: str, batch_norm: bool) -> 
 
 
 @pytest.mark.parametrize("config", [
-    TrainConfig(epochs=3, batch_size=8, lr=0.05, momentum=0.0, weight_decay=0.0, mu=0.0,
+    TrainConfig(epochs=3, batch_size=8, lr=0.05, momentum=0.0, weight_decay=0.0,
                 augment=False),
-    TrainConfig(epochs=1, batch_size=32, lr=0.02, mu=0.5, fraction=0.5),
+    TrainConfig(epochs=1, batch_size=32, lr=0.02, objective="prox",
+                objective_args=(("mu", 0.5),), fraction=0.5),
 ])
 def test_training_settings_match_sequential_training(config: TrainConfig) -> None:
     check(dense_jobs(get_model("digits_cnn", 10), config))
@@ -139,6 +140,10 @@ def test_cuda_matches_sequential_training_on_cuda() -> None:
 
 def _changed(field: Field, default: object) -> object:
     """A value of `field` other than its default."""
+    if field.name == "objective":  # CONFIG trains with the proximal term: without it
+        return "" if default else "prox"
+    if field.name == "objective_args":
+        return (("mu", 0.3),)
     if isinstance(default, bool):
         return not default
     if isinstance(default, int):
@@ -155,9 +160,10 @@ def _changed(field: Field, default: object) -> object:
 def test_every_train_config_field_is_batched_or_refused() -> None:
     """Walks every field of TrainConfig: one that `train_batched` claims to implement gives a
     batch key of its own value and, set away from its default, still trains as
-    `train_local` does; any other (a local-objective hook, today's or a new one) set away
-    from its default makes the payload train one device at a time (fail closed). bf16 is
-    compared within its own tolerance in tests/test_precision.py."""
+    `train_local` does; any other (a hook, today's or a new one) set away from its default
+    makes the payload train one device at a time (fail closed), as does a local objective
+    without a batched gradient (tests/test_objective.py). bf16 is compared within its own
+    tolerance in tests/test_precision.py."""
     payload = Payload(get_model("lenet5", 10), {}, CONFIG)
     assert {f.name for f in fields(TrainConfig)} >= BATCHED_FIELDS
     for field in fields(TrainConfig):

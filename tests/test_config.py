@@ -8,6 +8,7 @@ import pytest
 
 from cadfl.cli import main
 from cadfl.config import Config, ConfigError, load_config, parse_override, validate
+from cadfl.fl.payload import TrainConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,6 +36,15 @@ def test_defaults_validate():
     cfg = Config()
     assert validate(cfg) is cfg
     assert load_config() == Config()
+
+
+def test_the_train_table_is_the_devices_train_config():
+    """`[train]` holds the user's settings of `TrainConfig`, with the runs' defaults; the rest
+    (seed, precision, the algorithms' hooks) is set per run, never written to a file."""
+    train = load_config(None, ["train.batch_size=16", "train.augment=false"]).train
+    assert train == TrainConfig(batch_size=16, augment=False)
+    assert Config().train.batch_size == 32
+    assert list(Config().to_dict()["train"]) == list(TrainConfig.SETTINGS)
 
 
 def test_digits_demo_preset_is_exactly_the_defaults():
@@ -133,6 +143,9 @@ def test_sample_int_is_a_device_count_and_float_a_fraction():
     ("algorithms=['fedavg', 'fedavg']", ["algorithms", "twice"]),
     ("partition.scheme=random", ["partition.scheme", "iid", "dirichlet"]),
     ("train=5", ["train"]),
+    ("train.seed=3", ["train.seed", "train.epochs", "train.augment"]),  # set per run
+    ("train.objective=prox", ["train.objective"]),  # set by an algorithm
+    ("fedprox.mu=-0.5", ["fedprox.mu", "-0.5", "[0, inf)"]),
     ("rounds", ["rounds", "key=value"]),
 ])
 def test_bad_values_name_the_field_and_what_is_allowed(override, needles):

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from cadfl.cad.assign import SPARE_PREFIX
 from cadfl.cad.submodel import extract
-from cadfl.config import ConfigError, ContextChange, load_config
+from cadfl.config import ConfigError, load_config
+from cadfl.config_tables import ContextChange
 from cadfl.data.context import Schedule
 from cadfl.data.partition import make_partition, share_classes
 from cadfl.device.score import predict

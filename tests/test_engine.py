@@ -148,7 +148,8 @@ def test_fedprox_keeps_devices_closer_to_the_global_model(digits):
     avg_payloads = dict(fedavg.configure_train(1, fedavg.initial_state(exp.init), ids))
     prox_payloads = dict(fedprox.configure_train(1, fedprox.initial_state(exp.init), ids))
     for d in ids:
-        assert prox_payloads[d].config.mu == 1.0 and avg_payloads[d].config.mu == 0.0
+        assert prox_payloads[d].config.objective_args == (("mu", 1.0),)
+        assert not avg_payloads[d].config.objective
         moved_avg = distance(train_local(avg_payloads[d], exp.data(d)).state, exp.init)
         moved_prox = distance(train_local(prox_payloads[d], exp.data(d)).state, exp.init)
         assert 0 < moved_prox < moved_avg, (d, moved_prox, moved_avg)

@@ -16,13 +16,14 @@ import torch
 pytest.importorskip("onnxruntime", reason="needs the mobile extra: pip install 'cadfl[mobile]'")
 pytest.importorskip("onnxscript", reason="needs the mobile extra: pip install 'cadfl[mobile]'")
 
-from cadfl import export  # noqa: E402
 from cadfl.cad.decouple import decouple  # noqa: E402
 from cadfl.cli import main  # noqa: E402
 from cadfl.config import load_config  # noqa: E402
 from cadfl.data.augment import to_float  # noqa: E402
 from cadfl.engine.checkpoint import save_checkpoint  # noqa: E402
 from cadfl.engine.run import run_experiment  # noqa: E402
+from cadfl.export import files, report
+from cadfl.export import model as xmodel  # noqa: E402
 from cadfl.models import (  # noqa: E402
     MODELS,
     ModelSpec,
@@ -39,7 +40,7 @@ CIFAR_MODELS = [("alexnet", 2), ("vgg11", 1)] + ([("fl_cnn", 1)] if "fl_cnn" in 
 
 def within_tolerance(got: torch.Tensor, ref: torch.Tensor) -> bool:
     """The export's own criterion, stated independently: relative to the largest logit."""
-    return float((got - ref).abs().max()) <= export.TOLERANCE * max(1.0, float(ref.abs().max()))
+    return float((got - ref).abs().max()) <= files.TOLERANCE * max(1.0, float(ref.abs().max()))
 
 
 def cad_checkpoint(root: Path, model: str, depth: int, others: bool) -> Path:
@@ -79,18 +80,18 @@ def digits_run(tmp_path_factory, digits) -> Path:
 
 def assert_exports(ckpt: Path, classes: list[int], others: bool, tmp: Path) -> None:
     """Export the context model of `classes` to ONNX and check its logits."""
-    src = export.load_source(ckpt)
-    model = export.context_model(src, classes, others)
+    src = xmodel.load_source(ckpt)
+    model = xmodel.context_model(src, classes, others)
     path = tmp / f"{src.spec.name}-{others}.onnx"
-    export.write_onnx(model, path)
-    x, _ = export.class_images(src.dataset.test_x, src.dataset.test_y, classes, 40)
+    files.write_onnx(model, path)
+    x, _ = xmodel.class_images(src.dataset.test_x, src.dataset.test_y, classes, 40)
     noise = torch.randint(0, 256, (5, *src.spec.input_shape), dtype=torch.uint8)
     for images in (x, noise):
-        got = export.file_logits(path, images)
+        got = files.file_logits(path, images)
         assert got.shape == (len(images), len(classes) + others)
-        assert within_tolerance(got, export.pytorch_logits(model, images))
+        assert within_tolerance(got, xmodel.pytorch_logits(model, images))
         # The sub-model's logits are the full decoupled model's logits of its classes.
-        full = export.pytorch_logits(export.full_model(src), images)
+        full = xmodel.pytorch_logits(xmodel.full_model(src), images)
         cols = [src.spec.class_ids.index(c) for c in model.classes]
         assert within_tolerance(got, full[:, cols])
     assert model.kind == "cad-submodel"
@@ -109,43 +110,43 @@ def test_digits_submodel_matches_pytorch_on_real_images(tmp_path, digits_run, ot
 
 
 def test_submodel_is_physically_smaller(digits_run):
-    src = export.load_source(digits_run / "checkpoints" / "cad.safetensors")
-    sub = export.context_model(src, [3, 5])
-    full = export.full_model(src)
+    src = xmodel.load_source(digits_run / "checkpoints" / "cad.safetensors")
+    sub = xmodel.context_model(src, [3, 5])
+    full = xmodel.full_model(src)
     assert sub.spec.num_classes == 2 and full.spec.num_classes == 11
     assert sum(v.numel() for v in sub.state.values()) < sum(v.numel() for v in src.state.values())
-    assert export.multiply_adds(sub.spec) < export.multiply_adds(full.spec)
+    assert report.multiply_adds(sub.spec) < report.multiply_adds(full.spec)
     assert not any(k.startswith("spare") for k in src.state)
 
 
 def test_dense_checkpoint_exports_its_restricted_model(tmp_path, digits_run):
-    src = export.load_source(digits_run / "checkpoints" / "fedavg.safetensors")
-    model = export.context_model(src, [9, 0])
+    src = xmodel.load_source(digits_run / "checkpoints" / "fedavg.safetensors")
+    model = xmodel.context_model(src, [9, 0])
     assert model.kind == "dense-restricted" and model.classes == (9, 0)
     path = tmp_path / "dense.onnx"
-    export.write_onnx(model, path)
+    files.write_onnx(model, path)
     x = src.dataset.test_x[:50]
     dense = build_loaded(src.spec, src.state).eval()
     with torch.no_grad():
         ref = dense(to_float(x, src.dataset.mean, src.dataset.std))[:, [9, 0]]
-    assert within_tolerance(export.file_logits(path, x), ref)
+    assert within_tolerance(files.file_logits(path, x), ref)
 
 
 def test_cli_metadata_round_trips_and_batch_is_dynamic(tmp_path, digits_run, capsys):
     ckpt = digits_run / "checkpoints" / "cad.safetensors"
     out = tmp_path / "ctx.onnx"
     assert main(["export", str(ckpt), "--classes", "5", "3", "--others", "--out", str(out)]) == 0
-    meta = export.read_metadata(out)
+    meta = files.read_metadata(out)
     record = json.loads(ckpt.with_suffix(".json").read_text())
-    src = export.load_source(ckpt)
+    src = xmodel.load_source(ckpt)
     assert meta["classes"] == [5, 3, 10]
     assert meta["class_names"] == [src.dataset.classes[5], src.dataset.classes[3], "others"]
     assert meta["checkpoint_sha256"] == record["sha256"]
     assert meta["kind"] == "cad-submodel" and meta["others"] == 10
     assert meta["mean"] == list(src.dataset.mean) and meta["std"] == list(src.dataset.std)
     spec = ModelSpec.from_dict(meta["spec"])
-    assert spec == export.context_model(src, [5, 3], others=True).spec
-    sess = export.session(out)
+    assert spec == xmodel.context_model(src, [5, 3], others=True).spec
+    sess = files.session(out)
     images = src.dataset.test_x.permute(0, 2, 3, 1).contiguous().numpy()
     for n in (1, 7):
         assert sess.run(None, {"images": images[:n]})[0].shape == (n, 3)
@@ -157,11 +158,11 @@ def test_torchscript_export(tmp_path, digits_run):
     out = tmp_path / "ctx.pt"
     assert main(["export", str(ckpt), "--classes", "1", "2", "--format", "torchscript",
                  "--out", str(out)]) == 0
-    src = export.load_source(ckpt)
-    model = export.context_model(src, [1, 2])
+    src = xmodel.load_source(ckpt)
+    model = xmodel.context_model(src, [1, 2])
     x = src.dataset.test_x[:20]
-    assert within_tolerance(export.file_logits(out, x), export.pytorch_logits(model, x))
-    assert export.read_metadata(out)["classes"] == [1, 2]
+    assert within_tolerance(files.file_logits(out, x), xmodel.pytorch_logits(model, x))
+    assert files.read_metadata(out)["classes"] == [1, 2]
 
 
 def test_int8_and_report(tmp_path, digits_run, capsys):
@@ -177,7 +178,7 @@ def test_int8_and_report(tmp_path, digits_run, capsys):
     assert rows["context"]["params"] < rows["full"]["params"]
     assert rows["context int8"]["file_bytes"] < rows["context"]["file_bytes"]
     assert all(r["latency_ms"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows.values())
-    assert export.read_metadata(out)["classes"] == [0, 1, 2, 3, 4]
+    assert files.read_metadata(out)["classes"] == [0, 1, 2, 3, 4]
     assert "QuantizeLinear" in {n.op_type for n in __import__("onnx").load(str(out)).graph.node}
     assert "int8: context accuracy" in capsys.readouterr().out
 
@@ -217,21 +218,21 @@ def test_foreign_checkpoints_are_refused(tmp_path, capsys):
 
 
 def test_missing_extra_is_named(monkeypatch):
-    real = export.importlib.util.find_spec
-    monkeypatch.setattr(export.importlib.util, "find_spec",
+    real = files.importlib.util.find_spec
+    monkeypatch.setattr(files.importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnxruntime" else real(name, *a))
-    with pytest.raises(export.ExportError, match=r"pip install 'cadfl\[mobile\]'"):
-        export.require_mobile()
+    with pytest.raises(xmodel.ExportError, match=r"pip install 'cadfl\[mobile\]'"):
+        files.require_mobile()
 
 
 def test_mismatch_fails_loudly(tmp_path, digits_run):
-    src = export.load_source(digits_run / "checkpoints" / "cad.safetensors")
-    model = export.context_model(src, [3, 5])
+    src = xmodel.load_source(digits_run / "checkpoints" / "cad.safetensors")
+    model = xmodel.context_model(src, [3, 5])
     path = tmp_path / "ctx.onnx"
-    export.write_onnx(model, path)
+    files.write_onnx(model, path)
     # A file whose weights differ from the model it claims to be must not pass the check.
     key = next(k for k, v in model.state.items() if v.is_floating_point())
-    other = export.ExportModel(model.kind, model.spec,
+    other = xmodel.ExportModel(model.kind, model.spec,
                                {**model.state, key: model.state[key] + 1.0}, src)
-    with pytest.raises(export.ExportError, match="differ from PyTorch"):
-        export.check(other, path, src.dataset.test_x[:30])
+    with pytest.raises(xmodel.ExportError, match="differ from PyTorch"):
+        files.check(other, path, src.dataset.test_x[:30])

@@ -86,7 +86,7 @@ def test_one_round_averages_a_group_over_the_holders_of_any_of_its_classes():
                 torch.full_like(state[key][r], expected[group])
             torch.testing.assert_close(new[key][r], want, msg=f"{key} group {group}")
     # The per-row weights themselves: device 0 holds group 0 with 14 images, group 1 with 6.
-    weights = strategy.contribution(state, 0, updates[0]).row_weights
+    weights = strategy.contribution(1, state, 0, updates[0]).row_weights
     assert weights["conv3.weight"].tolist() == [14.0] * width + [6.0] * width + [0.0] * width
     assert weights["fc1.weight"].tolist() == [14.0] * 4 + [6.0] * 3 + [0.0] * 3
 

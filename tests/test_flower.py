@@ -61,20 +61,24 @@ def own_run_without(cfg, digits, out, dropped: dict[int, set[int]],
                     reachable: dict[int, list[int]] | None = None) -> list[dict]:
     """The own engine's run of `cfg` with the devices `dropped[round]` giving no answer and
     (with `reachable`) each round's participants sampled from `reachable[round]` only."""
-    from cadfl.device.executor import Runtime
+    from cadfl.device.executor import Executor, Runtime
 
     runtime = Runtime(Experiment.setup(cfg, digits).data)
-    rnd = [1]
 
-    def dropping(jobs):
-        for d, p in jobs:
-            yield d, p, None if d in dropped.get(rnd[0], ()) else runtime.run(d, p)
+    class Dropping(Executor):
+        rnd = 0
 
-    if reachable is not None:
-        dropping.reachable = lambda: reachable[rnd[0]]
+        def begin_round(self, algorithm, rnd):
+            self.rnd = rnd
 
-    return run_experiment(cfg, out, quiet=True, dataset=digits, execute=dropping,
-                          on_round=lambda line: rnd.__setitem__(0, line["round"] + 1))
+        def reachable(self, devices):
+            return reachable[self.rnd] if reachable is not None else list(range(devices))
+
+        def __call__(self, jobs):
+            for d, p in jobs:
+                yield d, p, None if d in dropped.get(self.rnd, ()) else runtime.run(d, p)
+
+    return run_experiment(cfg, out, quiet=True, dataset=digits, execute=Dropping())
 
 
 def accs(lines: list[dict], algorithm: str) -> list[float]:
@@ -96,10 +100,12 @@ def test_codec_round_trip_is_bitwise():
         "strided": torch.arange(12.0).reshape(3, 4).t(),  # non-contiguous input
     }
     config = TrainConfig(epochs=2, batch_size=7, lr=0.013, momentum=0.5, weight_decay=1e-5,
-                         mu=0.1, seed=2**40 + 3, augment=False)
+                         objective="prox", objective_args=(("mu", 0.1),), seed=2**40 + 3,
+                         augment=False)
     payload = Payload(spec, state, config, task="activations")
-    back, experiment = decode_payload(encode_payload(payload, '{"x": 1}'))
-    assert experiment == '{"x": 1}'
+    record = encode_payload(payload, 3, "cad", '{"x": 1}')
+    assert record.config_records["payload"]["experiment"] == '{"x": 1}'
+    back = decode_payload(record)
     assert back.spec.to_dict() == spec.to_dict()
     assert back.config == config and back.task == "activations"
     assert list(back.state) == list(state)
@@ -172,7 +178,7 @@ class LoopbackGrid:
             ids.append(f"m{self.sent}")
             self.sent += 1
             if msg.metadata.message_type == "train":
-                payload, _ = decode_payload(msg.content)
+                payload = decode_payload(msg.content)
                 pid = self.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
                 self.trained.setdefault(pid, []).append(payload.spec.class_ids)
             if msg.metadata.dst_node_id in self.silent:
@@ -195,8 +201,8 @@ def run_on_loopback(cfg, out, digits, grid=None, **kwargs):
     """The experiment through FlowerExecutor and the real ClientApp behind a LoopbackGrid."""
     grid = grid or LoopbackGrid(cfg.devices)
     execute = FlowerExecutor(grid, cfg, deadline=30, wait=0.1, **kwargs)
-    lines = run_experiment(cfg, out, quiet=True, execute=execute, on_round=execute.round_done,
-                           dataset=digits, experiment=execute.experiment)
+    lines = run_experiment(cfg, out, quiet=True, execute=execute, dataset=digits,
+                           experiment=execute.experiment)
     return lines, grid
 
 
@@ -299,14 +305,17 @@ def own_run_with_node_data(cfg, digits, folders: dict[int, Path], out,
                  owners=torch.cat([torch.full((len(x),), d) for d, x in enumerate(data)]))
     runtime = Experiment.setup(cfg, ds).runtime()
 
-    class Devices:
+    from cadfl.device.executor import Executor
+
+    class Devices(Executor):
         away = set(absent)
+        scores_devices = True
 
         def __call__(self, jobs):
             return runtime([(d, p) for d, p in jobs if d not in self.away])
 
-        def reachable(self):
-            return [d for d in range(cfg.devices) if d not in self.away]
+        def reachable(self, devices):
+            return [d for d in range(devices) if d not in self.away]
 
         def score(self, jobs):
             for d, p in jobs:
@@ -369,7 +378,6 @@ def test_a_node_with_its_own_images_may_join_late(tmp_path, digits, caplog):
         assert sorted(execute.reports) == [0, 1]
 
         def on_round(line):
-            execute.round_done(line)
             if (line["algorithm"], line["round"]) == ("cad", 1):
                 grid.come_back(2)
                 grid.come_back(3)
@@ -403,7 +411,6 @@ def test_failures_are_dropouts_and_nodes_may_come_back(tmp_path, digits, caplog)
     rejected = []
 
     def on_round(line):
-        execute.round_done(line)
         rejected.append(line["rejected"])
         if line["round"] == 1:
             grid.silent.add(grid.node_of(1))  # round 2: node 1 does not answer

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from cadfl.analysis.profile import flops_per_layer, profile_model, train_flops
+from cadfl.analysis.profile import profile_model
 from cadfl.cli import main
 from cadfl.models import build_model, get_model
+from cadfl.models.flops import flops_per_layer, train_flops
 
 
 def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:

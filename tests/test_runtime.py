@@ -14,6 +14,7 @@ import torch
 from cadfl.config import ConfigError, load_config
 from cadfl.data.datasets import load_dataset
 from cadfl.device.compute import resolve_device
+from cadfl.device.executor import Executor
 from cadfl.engine.checkpoint import load_checkpoint
 from cadfl.engine.evaluate import evaluation_devices
 from cadfl.engine.experiment import Experiment
@@ -77,15 +78,16 @@ def test_a_round_holds_one_update_at_a_time(digits):
     alive: list[weakref.ref] = []
     most = 0
 
-    def execute(jobs):
-        nonlocal most
-        for d, p, u in runtime(jobs):
-            gc.collect()
-            most = max(most, sum(r() is not None for r in alive))
-            alive.append(weakref.ref(u))
-            yield d, p, u
+    class Watching(Executor):
+        def __call__(self, jobs):
+            nonlocal most
+            for d, p, u in runtime(jobs):
+                gc.collect()
+                most = max(most, sum(r() is not None for r in alive))
+                alive.append(weakref.ref(u))
+                yield d, p, u
 
-    train_round(exp, strategy, 1, strategy.initial_state(exp.init), execute)
+    train_round(exp, strategy, 1, strategy.initial_state(exp.init), Watching())
     assert len(alive) == 6
     assert most <= 1  # every earlier update was folded in and freed before the next trained
 

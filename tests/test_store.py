@@ -67,12 +67,12 @@ def test_spilled_devices_come_back_and_resume_rolls_back_later_rounds(tmp_path):
     store = DeviceStore(tmp_path, budget_bytes=100)  # every device spills at once
     one = {"w": torch.arange(40.0)}
     for rnd in (1, 2):
-        store.round = rnd
+        store.begin_round(rnd)
         for d in range(3):
             store.put(d, {"w": one["w"] + 10 * rnd + d})
         store.flush(rnd)
         assert store.memory_bytes() <= 160  # one device's 40 floats at most
-    store.round = 3
+    store.begin_round(3)
     store.put(1, {"w": one["w"] + 99})  # round 3 starts, the run dies before its checkpoint
     store.put(2, {"w": one["w"] + 99})
     store.flush(3)
@@ -92,3 +92,17 @@ def test_an_in_memory_store_keeps_everything_and_cannot_be_flushed():
     assert set(store.get(3)) == {"a", "b"} and set(store.get(4)) == {"a"}
     with pytest.raises(RuntimeError, match="cannot be flushed"):
         store.flush(1)
+
+
+def test_reading_a_device_changes_nothing(tmp_path):
+    """`get` is a query: reading a spilled device neither loads it back into memory nor
+    spills another one."""
+    store = DeviceStore(tmp_path, budget_bytes=48)  # room for one device of 10 floats
+    store.begin_round(1)
+    store.put(0, {"w": torch.arange(10.0)})
+    store.put(1, {"w": torch.ones(10)})  # device 0 spills to its file
+    held, files = store.memory_bytes(), sorted(p.name for p in tmp_path.iterdir())
+    assert torch.equal(store.get(0)["w"], torch.arange(10.0))
+    assert torch.equal(store.get(1)["w"], torch.ones(10))
+    assert store.memory_bytes() == held == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == files == ["0.safetensors"]

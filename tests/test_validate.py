@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cadfl.config import load_config
+from cadfl.device.executor import Executor
 from cadfl.engine.checkpoint import load_checkpoint
 from cadfl.engine.experiment import Experiment
 from cadfl.engine.run import run_experiment
@@ -71,16 +72,17 @@ def test_counts_for_classes_the_sub_model_does_not_have_are_rejected():
     assert "classes [2]" in rejection(Payload(small, state), update, 10, 12)
 
 
-def _corrupting(exp: Experiment, bad: set[int]):
+def _corrupting(exp: Experiment, bad: set[int]) -> Executor:
     runtime = exp.runtime()
 
-    def execute(jobs):
-        for d, p, u in runtime(jobs):
-            if d in bad:
-                u.state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-                           for k, v in u.state.items()}
-            yield d, p, u
-    return execute
+    class Corrupting(Executor):
+        def __call__(self, jobs):
+            for d, p, u in runtime(jobs):
+                if d in bad:
+                    u.state = {k: torch.full_like(v, float("nan")) if v.is_floating_point()
+                               else v for k, v in u.state.items()}
+                yield d, p, u
+    return Corrupting()
 
 
 def test_rejected_updates_are_counted_and_kept_out_of_the_global_state(tmp_path: Path):

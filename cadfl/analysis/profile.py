@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from cadfl.models import ModelSpec, build_model, get_model
-from cadfl.models.flops import _count_forward, flops_per_layer, train_flops  # noqa: F401
+from cadfl.models.flops import count_forward
 
 FP_MULT_PJ = 3.7  # 32-bit float multiply
 FP_ADD_PJ = 0.9  # 32-bit float add
@@ -101,7 +101,7 @@ def profile_spec(spec: ModelSpec) -> ModelProfile:
     # Built on the meta device: no weight initialisation, so the global RNG is not consumed.
     with torch.device("meta"):
         model = build_model(spec)
-    total_flops, flops = _count_forward(model, spec.input_shape)
+    total_flops, flops = count_forward(model, spec.input_shape)
     layers = []
     in_shape: tuple[int, ...] = spec.input_shape
     for name, layer, out_shape, module in zip(spec.names, spec.layers, spec.shapes(),

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, ContextChange
+from ..config import ConfigError
+from ..config_tables import ContextChange
 
 
 @dataclass

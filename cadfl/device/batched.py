@@ -10,9 +10,10 @@ Every step costs the operator calls of one model instead of N.
 
 Each device keeps its own semantics exactly as `cadfl.device.train.train_local` defines them:
 its own sample order and augmentation from its own `config.seed` (the same generator calls in
-the same sequence), its own mean cross-entropy over its own batch, FedProx's proximal term,
-torch's SGD (weight decay added to the gradient, momentum buffer starting at the first d_p, no
-dampening, no nesterov), and its own number of steps. Ragged work is handled so:
+the same sequence), its own mean cross-entropy over its own batch, its local objective (one
+with a batched gradient: FedProx's proximal term), torch's SGD (weight decay added to the
+gradient, momentum buffer starting at the first d_p, no dampening, no nesterov), and its own
+number of steps. Ragged work is handled so:
 
 - A device's last batch of an epoch may be smaller than the others': the missing rows are
   filler (row 0 of the images) with loss weight 0, and batch norm then takes its statistics
@@ -51,6 +52,7 @@ from ..data.augment import crop_flip, crop_flip_draws
 from ..fl.payload import Payload, TrainConfig, Update
 from ..models import Layer, ModelSpec
 from ..models.flops import train_flops_per_sample
+from .objective import objective_of
 from .precision import autocast
 from .train import DeviceData, own_samples
 
@@ -58,12 +60,13 @@ BN_MOMENTUM = 0.1  # torch's BatchNorm2d defaults, as `build_model` creates them
 BN_EPS = 1e-5
 
 
-# The `TrainConfig` fields `train_batched` implements. A payload whose config sets any other
-# field away from its default (a local-objective hook: FedRep's head epochs, Ditto's personal
-# model, SCAFFOLD's control variates, the label split, or any hook added later) trains one
-# device at a time: batched training fails closed, it never silently ignores a hook.
-BATCHED_FIELDS = frozenset({"epochs", "batch_size", "lr", "momentum", "weight_decay", "mu",
-                            "seed", "augment", "fraction", "precision"})
+# The `TrainConfig` fields `train_batched` implements (a local objective only where it has a
+# batched gradient). A payload whose config sets any other field away from its default (a
+# hook: FedRep's head epochs, Ditto's personal model, SCAFFOLD's control variates, the label
+# split, or any hook added later) trains one device at a time: batched training fails
+# closed, it never silently ignores a hook.
+BATCHED_FIELDS = frozenset({"epochs", "batch_size", "lr", "momentum", "weight_decay", "seed",
+                            "augment", "fraction", "objective", "objective_args", "precision"})
 _DEFAULTS = TrainConfig()
 
 
@@ -73,7 +76,8 @@ def batch_key(payload: Payload) -> tuple | None:
 
     None when the payload cannot be batched: a task other than training, dropout with
     p > 0 (its masks come from torch's global generator, which batched devices cannot share),
-    or a config field outside `BATCHED_FIELDS` that is not at its default.
+    a local objective without a batched gradient, or a config field outside `BATCHED_FIELDS`
+    that is not at its default.
     """
     spec, cfg = payload.spec, payload.config
     if payload.task != "train" or any(layer.kind == "dropout" and layer.p > 0
@@ -81,7 +85,9 @@ def batch_key(payload: Payload) -> tuple | None:
         return None
     if any(getattr(cfg, f.name) != getattr(_DEFAULTS, f.name) for f in fields(TrainConfig)
            if f.name not in BATCHED_FIELDS):
-        return None  # local-objective hooks train one device at a time
+        return None  # hooks train one device at a time
+    if cfg.objective and objective_of(cfg.objective).add_gradient is None:
+        return None
     if any(layer.groups is not None and len(set(layer.groups)) > 1 for layer in spec.layers):
         return None  # unequal channel groups (Fed2 with uneven groups): one at a time
     config = payload.config.to_dict()
@@ -167,8 +173,9 @@ class _Trainer:
         self.stack = {k: torch.stack([j.payload.state[k].to(dev) for j in jobs])
                       for k in self.keys}
         self.params = [k for k in self.keys if not _is_buffer(k)]
+        self.objective = objective_of(cfg.objective) if cfg.objective else None
         self.anchor = ({k: self.stack[k].clone() for k in self.params}
-                       if cfg.mu > 0 else None)
+                       if self.objective is not None else None)
         self.momentum = ({k: torch.zeros_like(self.stack[k]) for k in self.params}
                          if cfg.momentum else None)
         self.loss_sum = torch.zeros(n_jobs, dtype=torch.float64, device=dev)
@@ -267,16 +274,16 @@ class _Trainer:
             self._sgd(k, leaves)
 
     def _sgd(self, k: int, leaves: dict[str, torch.Tensor]) -> None:
-        """torch.optim.SGD's update on the stacked tensors of the first k jobs, with FedProx's
-        gradient mu * (w - w_global) added as autograd would add it."""
+        """torch.optim.SGD's update on the stacked tensors of the first k jobs, with the local
+        objective's gradient added as autograd would add it."""
         cfg = self.cfg
         params = [leaves[name] for name in self.params]
         grads = [p.grad for p in params]
         for p in params:
             p.grad = None
-        if self.anchor is not None:
-            diffs = torch._foreach_sub(params, [self.anchor[n][:k] for n in self.params])
-            torch._foreach_add_(grads, diffs, alpha=cfg.mu)
+        if self.objective is not None:
+            self.objective.add_gradient(grads, params, [self.anchor[n][:k] for n in self.params],
+                                        **dict(cfg.objective_args))
         if cfg.weight_decay:
             torch._foreach_add_(grads, params, alpha=cfg.weight_decay)
         if self.momentum is not None:

@@ -17,11 +17,16 @@ from ..data.datasets import Dataset
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device for a config's `device` setting; ValueError (saying what is there)
-    when it names a GPU this machine does not have."""
+def check_device_name(name: str) -> None:
+    """ValueError unless `name` is a compute device's name: auto, cpu, cuda or cuda:N."""
     if not DEVICE_PATTERN.fullmatch(name):
         raise ValueError(f"device: unknown {name!r}; valid: auto, cpu, cuda, cuda:N")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a config's `device` setting; ValueError (saying what is there)
+    when it is no device's name, or names a GPU this machine does not have."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -1,8 +1,11 @@
-"""The runtime: payloads in, updates out, on this process's compute device.
+"""The executor protocol, and the runtime: payloads in, updates out, on this process's compute
+device.
 
-The `Runtime` is the device side of the simulation. For each job (device id, payload) it
-puts the device's kept tensors into the payload, runs the payload's task on the device's data,
-stores what the device keeps and drops what it keeps private from the update. Jobs arrive as
+`Executor` is all the engine asks of whatever runs payloads on devices (this module's
+`Runtime`, Flower's executor, a test's fake). The `Runtime` is the device side of the
+simulation. For each job (device id, payload) it puts the device's kept tensors into the
+payload, runs the payload's task on the device's data, stores what the device keeps and
+drops what it keeps private from the update. Jobs arrive as
 an iterator and results leave as one, so a round never holds more than a few payloads and
 updates at once, however many devices take part. With `batch_devices` > 1, up to that many
 consecutive jobs whose models have the same shape are trained together (`batched.py`).
@@ -10,6 +13,7 @@ consecutive jobs whose models have the same shape are trained together (`batched
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from itertools import islice
@@ -20,10 +24,46 @@ from .train import DeviceData, run_task
 
 Job = tuple[int, Payload]
 Result = tuple[int, Payload, Update | None]
-Executor = Callable[[Iterable[Job]], Iterator[Result]]
+RunJobs = Callable[[Iterable[Job]], Iterator[Result]]
+Scores = tuple[float, float, float]  # context_acc, others_reject, others_in_acc
 
 
-class Runtime:
+class Executor(ABC):
+    """Runs the engine's payloads on the devices.
+
+    Every round the engine calls `begin_round(algorithm, rnd)`, then `admit()` (devices that
+    became ready since the last round join), samples the participants from `reachable(n)`,
+    and runs the round's jobs by calling the executor. Where devices keep their own state out
+    of the engine's reach (`scores_devices`), the engine has them score their own models
+    with `score`.
+    """
+
+    scores_devices: bool = False
+
+    def begin_round(self, algorithm: str, rnd: int) -> None:
+        """The engine starts round `rnd` of `algorithm` (default: nothing to prepare)."""
+        return
+
+    def admit(self) -> None:
+        """Take in devices that became ready since the last round (default: none can)."""
+        return
+
+    def reachable(self, devices: int) -> list[int]:
+        """The devices (of 0..devices-1) a round can sample now; changes nothing
+        (default: all)."""
+        return list(range(devices))
+
+    @abstractmethod
+    def __call__(self, jobs: Iterable[Job]) -> Iterator[Result]:
+        """Run the jobs; results in job order, update None for a device that gave none."""
+
+    def score(self, jobs: Iterable[Job]) -> Iterator[tuple[int, Scores]]:
+        """The `Scores` of the devices' own models, scored where they are, for the devices
+        that answered (only executors with `scores_devices`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not score on its devices")
+
+
+class Runtime(Executor):
     """Runs jobs one after another (or in same-shape batches) on local data.
 
     `data_of(d)` gives device d's data (on the compute device); `store` keeps what devices

@@ -7,7 +7,7 @@ entry per class, `"bn5.running_mean@3"` for class 3's rows; any other tensor as 
 device whose context changes from class 1 to class 2 therefore gets its own statistics for the
 trunk and for the classes it had, and the cloud's for class 2.
 
-The store lives in memory up to a budget and spills the least recently used devices to
+The store lives in memory up to a budget and spills the devices stored longest ago to
 safetensors files past it; `flush` writes every changed device, which makes the directory a
 checkpoint of the store. Every file remembers the round it was written in and keeps its
 previous version, so a run resumed from round R reads each device as it was after round R.
@@ -117,18 +117,14 @@ class DeviceStore:
         self._memory: OrderedDict[int, Entries] = OrderedDict()
         self._dirty: set[int] = set()
         self._bytes = 0
-        self.round = 0  # the round whose changes are being recorded
+        self._round = 0  # the round whose changes are being recorded
 
     def get(self, device: int) -> Entries:
-        """The device's entries (empty if it kept nothing yet)."""
+        """The device's entries (empty if it kept nothing yet); changes nothing: a spilled
+        device is read from its file and stays there."""
         if device in self._memory:
-            self._memory.move_to_end(device)
             return self._memory[device]
-        entries = self._read(device)
-        if entries:
-            self._remember(device, entries)
-            self._spill()
-        return entries
+        return self._read(device)
 
     def put(self, device: int, entries: Entries) -> None:
         """Merge new entries into the device's (its other entries stay)."""
@@ -161,7 +157,7 @@ class DeviceStore:
             device, entries = self._memory.popitem(last=False)
             self._bytes -= _nbytes(entries)
             if device in self._dirty:
-                self._write(device, entries, self.round)
+                self._write(device, entries, self._round)
                 self._dirty.discard(device)
 
     def _path(self, device: int, prev: bool = False) -> Path:
@@ -184,6 +180,10 @@ class DeviceStore:
             return {}
         with safe_open(str(self._path(device)), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+    def begin_round(self, rnd: int) -> None:
+        """What devices keep from now on is written as round `rnd`'s (for `resume`)."""
+        self._round = rnd
 
     def resume(self, rnd: int) -> None:
         """Go back to the store as it was after round `rnd` (a resumed run): a file written

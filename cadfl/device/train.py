@@ -7,7 +7,9 @@ spec says which class each logit stands for, and samples of other classes are le
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +31,16 @@ from ..fl.payload import (
 from ..models import ModelSpec
 from ..models.flops import train_flops_per_sample
 from .model import load_model
+from .objective import objective_of
 from .precision import autocast
 from .score import label_map
+
+# Ditto's personal model is pulled towards the received model by FedProx's proximal term: the
+# local objective `cadfl.fl.fedprox` registers under this name.
+PERSONAL_OBJECTIVE = "prox"
+
+# A local objective's penalty with its arguments bound: (params, anchor) -> scalar tensor.
+BoundPenalty = Callable[[dict[str, nn.Parameter], State], torch.Tensor]
 
 
 @dataclass
@@ -88,13 +98,14 @@ def own_samples(spec: ModelSpec, data: DeviceData) -> tuple[torch.Tensor, torch.
 def train_local(payload: Payload, data: DeviceData) -> Update:
     """Train the payload's model on the device's data and return the update.
 
-    Local SGD for `config.epochs` epochs with cross-entropy over the model's own classes; a
+    Local SGD for `config.epochs` epochs with cross-entropy over the model's own classes,
+    plus the penalty of the local objective the config names (FedProx's proximal term); a
     straggler (`config.fraction` < 1) stops after that share of the SGD steps. The config's
-    hooks (FedProx's proximal term, FedRep's head-then-body schedule, Ditto's personal model,
-    SCAFFOLD's control variates, HeteroFL's label split: see `TrainConfig`) change the
-    objective or the schedule, never the algorithm-free shape of this function. All
-    randomness (order, augmentation, dropout) comes from `config.seed`, so a device's
-    training is a pure function of its payload and data.
+    other hooks (FedRep's head-then-body schedule, Ditto's personal model, SCAFFOLD's control
+    variates, HeteroFL's label split: see `TrainConfig`) change the objective or the
+    schedule, never the algorithm-free shape of this function. All randomness (order,
+    augmentation, dropout) comes from `config.seed`, so a device's training is a pure
+    function of its payload and data.
     """
     cfg, spec = payload.config, payload.spec
     rows, y, global_y = own_samples(spec, data)
@@ -106,22 +117,23 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
         model = load_model(spec, received, dev).train()
         out: State = {}
         control = _control_terms(payload.state, dev) if cfg.control else None
+        penalty = (partial(objective_of(cfg.objective).penalty, **dict(cfg.objective_args))
+                   if cfg.objective else None)
         start_steps = loop.steps_done
         if cfg.head_epochs:  # FedRep: the head alone, then the body alone
             head = {n: p for n, p in loop.named(model).items() if matches(n, cfg.head)}
             body = {n: p for n, p in loop.named(model).items() if n not in head}
-            loop.run(model, head, cfg.head_epochs, prox=cfg.mu, anchor=received)
-            loop.run(model, body, cfg.epochs, prox=cfg.mu, anchor=received)
+            loop.run(model, head, cfg.head_epochs, penalty, received)
+            loop.run(model, body, cfg.epochs, penalty, received)
         else:
-            loop.run(model, loop.named(model), cfg.epochs, prox=cfg.mu, anchor=received,
-                     control=control)
+            loop.run(model, loop.named(model), cfg.epochs, penalty, received, control=control)
         state = _cpu_state(model)
         if cfg.personal_lambda > 0:  # Ditto: then the personal model, anchored at w_received
             kept = model_part(payload.state, PERSONAL)
             own = {k: _grown(kept[k], v, v) if k in kept else v for k, v in received.items()}
             personal = load_model(spec, own, dev).train()
-            loop.run(personal, loop.named(personal), cfg.epochs, prox=cfg.personal_lambda,
-                     anchor=received)
+            pull = partial(objective_of(PERSONAL_OBJECTIVE).penalty, mu=cfg.personal_lambda)
+            loop.run(personal, loop.named(personal), cfg.epochs, pull, received)
             out.update({PERSONAL + k: v for k, v in _cpu_state(personal).items()})
         if control is not None:
             # SCAFFOLD option II, c_i+ = c_i - c + (x - y) / (K lr), is the mean of the K local
@@ -190,18 +202,19 @@ class _LocalSGD:
         return dict(model.named_parameters())
 
     def run(self, model: nn.Module, params: dict[str, nn.Parameter], epochs: int,
-            prox: float = 0.0, anchor: State | None = None,
+            penalty: BoundPenalty | None = None, anchor: State | None = None,
             control: dict[str, tuple[torch.Tensor, ...]] | None = None) -> None:
-        """`epochs` epochs of SGD on `params` only (the others stay as they are), with the
-        proximal term (prox/2)||w - anchor||^2 when `prox` > 0 and SCAFFOLD's gradient
-        correction with `control` (the raw gradients are summed in `grad_sums`)."""
+        """`epochs` epochs of SGD on `params` only (the others stay as they are), with
+        `penalty(params, anchor)` added to the cross-entropy when given and SCAFFOLD's
+        gradient correction with `control` (the raw gradients are summed in `grad_sums`)."""
         cfg, data, n = self.cfg, self.data, len(self.y)
         for p in model.parameters():
             p.requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
         names, plist = list(params), list(params.values())
-        centre = ([anchor[k].to(data.compute) for k in names] if prox > 0 and anchor is not None
+        # The anchor on the compute device once, not at every step.
+        centre = ({k: anchor[k].to(data.compute) for k in names} if penalty is not None
                   else None)
         # foreach: one fused update over all tensors (torch's default only on CUDA)
         opt = torch.optim.SGD(plist, lr=cfg.lr, momentum=cfg.momentum,
@@ -221,10 +234,7 @@ class _LocalSGD:
                     if self.mask is not None:
                         logits = logits + self.mask
                     ce = F.cross_entropy(logits.float(), self.y[idx])
-                loss = ce
-                if centre is not None:
-                    loss = ce + prox / 2 * sum(((p - a) ** 2).sum()
-                                               for p, a in zip(plist, centre, strict=True))
+                loss = ce if centre is None else ce + penalty(params, centre)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if control is not None:

@@ -11,19 +11,17 @@ import numpy as np
 import torch
 
 from ..data.augment import to_float
-from ..device.executor import Runtime
+from ..device.executor import Job, Runtime, Scores
 from ..device.model import load_model
 from ..device.precision import autocast
 from ..device.score import EVAL_BATCH, context_scores, global_scores, predict, shared_layers
 from ..fl import Strategy
-from ..fl.payload import Payload, State
+from ..fl.payload import State
 from ..models import ModelSpec
 from .experiment import Experiment
 
-# Scores devices' own models where they are: (device, payload) in, (device, the
-# `context_scores` of that device) out, for the devices that answered.
-DeviceScorer = Callable[[Iterable[tuple[int, Payload]]],
-                        Iterator[tuple[int, tuple[float, float, float]]]]
+# Scores devices' own models where they are (`Executor.score`).
+DeviceScorer = Callable[[Iterable[Job]], Iterator[tuple[int, Scores]]]
 EVAL_KEYS = ("global_acc", "context_acc", "eval_devices", "test_loss", "class_acc",
              "others_reject", "others_in_acc")
 
@@ -70,7 +68,7 @@ def evaluate(exp: Experiment, strategy: Strategy, rnd: int, state: State,
     if logits is not None and strategy.device_model_is_global() and ds.owners is None:
         # One pass of the global model scores every device: restrict the argmax per
         # device, once per distinct class set.
-        by_classes: dict[tuple[int, ...], tuple[float, float, float]] = {}
+        by_classes: dict[tuple[int, ...], Scores] = {}
         for d in exp.devices:
             if d.classes not in by_classes:
                 by_classes[d.classes] = context_scores(logits, ds.test_y, spec, d.classes,
@@ -95,7 +93,7 @@ def evaluate(exp: Experiment, strategy: Strategy, rnd: int, state: State,
 
 
 def score_device(exp: Experiment, device: int, spec: ModelSpec, state: State
-                 ) -> tuple[float, float, float]:
+                 ) -> Scores:
     """`context_scores` of one device's own model (`spec`, `state`) on the test images
     of its classes in the current round (all test images when it answers Others)."""
     ds, test_x = exp.dataset, exp.on_device.test_x
@@ -107,7 +105,7 @@ def score_device(exp: Experiment, device: int, spec: ModelSpec, state: State
 
 
 def score_devices(exp: Experiment, models: list[tuple[int, ModelSpec, State]]
-                  ) -> list[tuple[float, float, float]]:
+                  ) -> list[Scores]:
     """`score_device` of every (device, spec, state), in order, with the layers their
     models share computed once: devices whose models have the same layers and the same
     weights in the first of them (FedPer's and FedRep's body) run those layers once over
@@ -115,7 +113,7 @@ def score_devices(exp: Experiment, models: list[tuple[int, ModelSpec, State]]
     groups: dict[tuple, list[int]] = {}
     for i, (_, spec, _) in enumerate(models):
         groups.setdefault((spec.input_shape, spec.layers), []).append(i)
-    scores: list[tuple[float, float, float] | None] = [None] * len(models)
+    scores: list[Scores | None] = [None] * len(models)
     for members in groups.values():
         states = [models[i][2] for i in members]
         spec = models[members[0]][1]

@@ -197,10 +197,7 @@ class Experiment:
     def train_config(self, cfg: Config | None = None) -> TrainConfig:
         """The base device training settings of `cfg` (default: this experiment's)."""
         cfg = cfg or self.cfg
-        t = cfg.train
-        return TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
-                           momentum=t.momentum, weight_decay=t.weight_decay, seed=cfg.seed,
-                           augment=t.augment, precision=self.precision)
+        return replace(cfg.train, seed=cfg.seed, precision=self.precision)
 
     def strategy(self, name: str) -> Strategy:
         """A fresh strategy of algorithm `name` on this experiment, with its own settings
@@ -208,7 +205,7 @@ class Experiment:
         cfg = self.cfg.for_algorithm(name)
         robust = Robustness(cfg.aggregation.rule, cfg.aggregation.trim, cfg.aggregation.clip)
         setting = Setting(self.spec, self.train_config(cfg), self.devices, cfg.bn, robust,
-                          self.other, self.init, cfg.options)
+                          self.other, self.init)
         try:
             return ALGORITHMS[name].from_setting(setting, cfg.options_of(name))
         except ValueError as exc:  # e.g. a depth the model cannot take, a bad checkpoint

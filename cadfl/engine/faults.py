@@ -13,8 +13,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..config import FaultsConfig
-from ..device.executor import Executor, Job, Result
+from ..config_tables import FaultsConfig
+from ..device.executor import Job, Result, RunJobs
 from ..fl.payload import Payload, Update
 
 
@@ -40,7 +40,7 @@ def byzantine(payload: Payload, update: Update, rng: np.random.Generator) -> Upd
     return replace(update, state=state)
 
 
-def with_faults(execute: Executor, faults: FaultsConfig, seed: int, rnd: int) -> Executor:
+def with_faults(execute: RunJobs, faults: FaultsConfig, seed: int, rnd: int) -> RunJobs:
     """`execute` with devices that drop out, straggle or corrupt their answers."""
     if not (faults.dropout or faults.straggler or faults.corrupt or faults.byzantine):
         return execute

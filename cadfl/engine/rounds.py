@@ -88,26 +88,26 @@ def train_round(exp: Experiment, strategy: Strategy, rnd: int, state: State,
     """
     cfg = exp.cfg
     start = time.perf_counter()
-    # A deployment samples from the devices that can be reached now (its executor
-    # knows which, and may admit a device that brought its own images late); in process
-    # every device can.
-    reachable = getattr(execute, "reachable", None)
-    pool = reachable() if reachable else range(cfg.devices)
+    execute = execute or exp.runtime()
+    # A deployment samples from the devices that can be reached now (a device that brought
+    # its own images late is admitted first); in process every device can.
+    execute.admit()
+    pool = execute.reachable(cfg.devices)
     exp.enter_round(rnd)
     ids = sample_devices(cfg.seed, rnd, [d for d in pool if exp.devices[d].classes],
                          cfg.sampled_per_round())
-    strategy.devices = exp.device_map
+    strategy.begin_round(rnd, exp.device_map)
     state = strategy.add_classes(state, exp.schedule.model_classes(rnd),
                                  device_seed(cfg.seed, rnd, -2))
-    execute = with_faults(execute or exp.runtime(), cfg.faults, cfg.seed, rnd)
+    run = with_faults(execute, cfg.faults, cfg.seed, rnd)
     tally = Tally()
     queries = strategy.configure_query(rnd, state, exp.holding())
     if queries:
-        replies = dict(screen(exp, rnd, execute(sorted(queries.items())), tally))
+        replies = dict(screen(exp, rnd, run(sorted(queries.items())), tally))
         if replies:
             state = strategy.aggregate_query(rnd, state, replies)
     tally.start_training()
-    updates = screen(exp, rnd, execute(strategy.configure_train(rnd, state, ids)), tally)
+    updates = screen(exp, rnd, run(strategy.configure_train(rnd, state, ids)), tally)
     merged = strategy.aggregate_train(rnd, state, updates)
     for _ in updates:  # a strategy that stopped early still trains every participant
         pass

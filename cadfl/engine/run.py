@@ -110,14 +110,15 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
         bar = tqdm(range(done.get(a, 0) + 1, cfg.rounds + 1), desc=f"{a:>8}", unit="round",
                    disable=quiet or not sys.stderr.isatty(), initial=done.get(a, 0),
                    total=cfg.rounds)
+        devices = execute or runtime
         for rnd in bar:
-            runtime.store.round = rnd
-            state, stats = train_round(exp, strategy, rnd, state, execute or runtime)
+            runtime.store.begin_round(rnd)
+            devices.begin_round(a, rnd)
+            state, stats = train_round(exp, strategy, rnd, state, devices)
             evals = None
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-                # An executor whose devices keep their own state also scores them.
                 evals = evaluate(exp, strategy, rnd, state, runtime,
-                                     getattr(execute, "score", None))
+                                 devices.score if devices.scores_devices else None)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in evals.items()
                                  if k.endswith("acc") and isinstance(v, float)})
             line = _round_line(a, rnd, stats, evals, exp.precision)

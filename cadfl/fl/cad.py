@@ -138,10 +138,6 @@ class CAD(Strategy):
                  depth: int | str = 1, assign: str = "prior",
                  warmup_rounds: int = 0, pretrained: State | None = None,
                  selectivity_threshold: float = 0.3, others: int | None = None) -> None:
-        if assign not in ASSIGN_MODES:
-            raise ValueError(f"assign must be one of {ASSIGN_MODES}, got {assign!r}")
-        if depth == "auto" and assign != "activation":
-            raise ValueError("depth='auto' needs assign='activation' (a trained model to measure)")
         self.others, self.plain_spec = others, spec
         if others is not None:
             spec = with_classes(spec, (others,))
@@ -289,11 +285,12 @@ class CAD(Strategy):
             spec, sub, _ = extract(self.decoupling, weights, self.device_classes(d))
             yield d, self.payload(rnd, d, spec, sub)
 
-    def contribution(self, state: State, device: int, update: Update) -> Contribution:
+    def contribution(self, rnd: int, state: State, device: int, update: Update
+                     ) -> Contribution:
         """Path-paired: the trunk weighted by the sample count, class c's rows by the class-c
         count (the dense model in warm-up: FedAvg's)."""
         if not self.decoupled:
-            return super().contribution(state, device, update)
+            return super().contribution(rnd, state, device, update)
         classes = self.device_classes(device)
         rows = index_map(self.decoupling, update.state, classes)
         counts = torch.tensor(update.class_counts, dtype=torch.float64)

@@ -2,9 +2,10 @@
 
 Every participant trains the global model as FedAvg does (and the cloud averages it), and,
 beside it, its own personal model v with the proximal term (lambda/2)||v - w||^2 towards the
-global model w it received. The personal model stays on the device (from the received model
-the first time); it is what the device predicts with, so Ditto is judged by context accuracy,
-and its global model by global accuracy. A device trains two models: twice the FLOPs.
+global model w it received (FedProx's local objective, `cadfl.fl.fedprox`). The personal
+model stays on the device (from the received model the first time); it is what the device
+predicts with, so Ditto is judged by context accuracy, and its global model by global
+accuracy. A device trains two models: twice the FLOPs.
 """
 
 from __future__ import annotations

@@ -13,10 +13,9 @@ like every other coordinate they send: all of a device's samples shape its row c
 softmax, not only those of class c.
 
 Rates: `rates = []` (the default, "auto") gives every device the width whose training FLOPs per
-sample equal the mean over the run's devices of CAD's sub-model at the run's `cad.depth`
-(with `cad.depth = "auto"` CAD's depth is not known before it runs: give rates), so HeteroFL
-and CAD are compared at
-equal device cost; the chosen rate is recorded in the run directory (`notes-heterofl.json`).
+sample equal the mean over the run's devices of CAD's sub-model decoupled at `depth` (set it to
+the run's `cad.depth`), so HeteroFL and CAD are compared at equal device cost; the chosen rate
+is recorded in the run directory (`notes-heterofl.json`).
 A list of rates is dealt to devices by id, `round_robin` (device d gets rates[d mod len]) or
 `random` (a draw seeded by the run's seed and the device id).
 
@@ -44,7 +43,7 @@ from ..models.flops import train_flops_per_sample
 from .aggregate import MEAN, Contribution, Robustness
 from .payload import DeviceInfo, State, TrainConfig, Update
 from .registry import register
-from .strategy import Payloads, Setting, Strategy, Updates
+from .strategy import Payloads, Setting, Strategy
 from .width import Maps, channel_window, slice_state, width_maps
 
 ASSIGN = ("round_robin", "random")
@@ -57,14 +56,15 @@ class HeteroFLOptions:
     algorithm: ClassVar[str] = "heterofl"
     rates: list[float] = field(default_factory=list)  # [] = auto: CAD's sub-model cost
     assign: str = "round_robin"  # how a list of rates is dealt: round_robin or random
+    depth: int = 1  # auto rate: the decoupling depth of the CAD sub-models it costs as much as
 
     def check(self, cfg: Any) -> None:
-        """ValueError naming the field if a value is out of range, if the auto rate has no
-        CAD depth to match (`cad.depth = "auto"` is only known once CAD runs), or if devices
-        are to keep their batch-norm statistics (`bn = "keep_local"`)."""
+        """ValueError naming the field if a value is out of range, or if devices are to keep
+        their batch-norm statistics (`bn = "keep_local"`)."""
         for i, r in enumerate(self.rates):
             check_range(f"{self.algorithm}.rates[{i}]", r, 0, 1, low_open=True)
         check_one_of(f"{self.algorithm}.assign", self.assign, ASSIGN)
+        check_range(f"{self.algorithm}.depth", self.depth, 0)
         if self.algorithm not in cfg.algorithms:
             return
         if cfg.bn == "keep_local":
@@ -72,9 +72,6 @@ class HeteroFLOptions:
             # moving) set than the global model it would be scored with.
             raise ValueError(f"bn: 'keep_local' does not fit {self.algorithm} (a device keeps "
                              "statistics of its sub-model's channels only); use 'average'")
-        if not self.rates and not isinstance(cfg.options_of("cad").depth, int):
-            raise ValueError(f"{self.algorithm}.rates: give rates when cad.depth is \"auto\" "
-                             "(the auto rate matches CAD's sub-model cost at cad.depth)")
 
 
 def mean_cad_flops(spec: ModelSpec, devices: Sequence[DeviceInfo], depth: int) -> float:
@@ -124,20 +121,14 @@ class HeteroFL(Strategy):
                      ) -> HeteroFL:
         """The strategy for a run (the auto rate needs the run's devices)."""
         o = options or cls.Options()
-        cad = setting.options.get("cad")
-        depth = cad.depth if cad is not None and isinstance(cad.depth, int) else 1
         return cls(setting.spec, setting.train, setting.devices, bn=setting.bn,
-                   robust=setting.robust, rates=tuple(o.rates), assign=o.assign, depth=depth)
+                   robust=setting.robust, rates=tuple(o.rates), assign=o.assign, depth=o.depth)
 
     def __init__(self, spec: ModelSpec, train: TrainConfig, devices: Sequence[DeviceInfo],
                  bn: str = "average", robust: Robustness = MEAN, rates: Sequence[float] = (),
                  assign: str = "round_robin", depth: int = 1) -> None:
         super().__init__(spec, train, devices, bn=bn, robust=robust)
-        check_one_of("assign", assign, ASSIGN)
-        if not all(0 < r <= 1 for r in rates):
-            raise ValueError(f"rates must be in (0, 1], got {list(rates)}")
         self.rates, self.assign = tuple(rates), assign
-        self.round = 0  # the round being aggregated (FedRolex's window depends on it)
         if not self.rates:
             # Counting FLOPs builds models, which draws from the global RNG.
             with torch.random.fork_rng():
@@ -183,15 +174,11 @@ class HeteroFL(Strategy):
             spec, rows, cols = self.device_maps(rnd, d)
             yield d, self.payload(rnd, d, spec, slice_state(state, rows, cols))
 
-    def aggregate_train(self, rnd: int, state: State, updates: Updates) -> State:
-        """Every coordinate averaged over its holders (`contribution`)."""
-        self.round = rnd
-        return super().aggregate_train(rnd, state, updates)
-
-    def contribution(self, state: State, device: int, update: Update) -> Contribution:
+    def contribution(self, rnd: int, state: State, device: int, update: Update
+                     ) -> Contribution:
         """The device's rows and columns, weighted by its sample count; logit rows of the
         classes it has no samples of get weight zero (label split)."""
-        _, rows, cols = self.device_maps(self.round, device)
+        _, rows, cols = self.device_maps(rnd, device)
         logits = self.spec.names[-1]
         counts = torch.tensor(update.class_counts, dtype=torch.float64)
         holds = counts[list(self.spec.class_ids)] > 0

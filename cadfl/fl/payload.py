@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 
+from ..checks import check_range
 from ..models import ModelSpec
 
 State = dict[str, torch.Tensor]
@@ -21,11 +23,14 @@ State = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How a device trains its model: local SGD settings, the seed, and the hooks that
-    algorithms switch on (each a property of the local objective or schedule, not of an
-    algorithm's name):
+    """How a device trains its model. The fields named in `SETTINGS` are the run config's
+    `[train]` table (the user's local SGD settings; their defaults are a run's, `check`
+    validates them); the experiment sets `seed` and `precision`; algorithms switch on the
+    hooks, each a property of the local objective or schedule, not of an algorithm's name:
 
-    - `mu` > 0: FedProx's proximal term (mu/2)||w - w_received||^2.
+    - `objective`: the name of a registered local objective (`cadfl.device.objective`) whose
+      penalty, with the keyword arguments `objective_args`, is added to the cross-entropy
+      (FedProx's proximal term).
     - `head` (glob patterns of parameter names) with `head_epochs` > 0: first `head_epochs`
       epochs on the head alone, then `epochs` on the rest alone (FedRep).
     - `personal_lambda` > 0: the device also trains its personal model (`personal/` tensors,
@@ -40,15 +45,19 @@ class TrainConfig:
     changes neither what is trained nor what is sent.
     """
 
+    SETTINGS: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr", "momentum",
+                                           "weight_decay", "augment")
+
     epochs: int = 1
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    mu: float = 0.0
     seed: int = 0
     augment: bool = True
     fraction: float = 1.0  # share of the local SGD steps actually done (a straggler: < 1)
+    objective: str = ""
+    objective_args: tuple[tuple[str, float], ...] = ()
     head: tuple[str, ...] = ()
     head_epochs: int = 0
     personal_lambda: float = 0.0
@@ -56,14 +65,23 @@ class TrainConfig:
     mask_absent: bool = False
     precision: str = "fp32"
 
+    def check(self) -> None:
+        """ValueError naming the `[train]` setting if one is out of range."""
+        check_range("train.epochs", self.epochs, 1)
+        check_range("train.batch_size", self.batch_size, 1)
+        check_range("train.lr", self.lr, 0, low_open=True)
+        check_range("train.momentum", self.momentum, 0, 1)
+        check_range("train.weight_decay", self.weight_decay, 0)
+
     def to_dict(self) -> dict:
         """Plain dict form (for payload transport and run configs)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        """Inverse of `to_dict` (lists back to tuples)."""
-        return cls(**{**d, "head": tuple(d.get("head", ()))})
+        """Inverse of `to_dict`, also after JSON (lists back to tuples)."""
+        return cls(**{**d, "head": tuple(d.get("head", ())),
+                      "objective_args": tuple(map(tuple, d.get("objective_args", ())))})
 
 
 # Tensors of a payload or update that are not the model's own: the server's control variate

@@ -16,8 +16,8 @@ keeps it (`cadfl.device.store`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 from ..cad.grow import grow_dense
@@ -41,9 +41,8 @@ def device_seed(seed: int, rnd: int, device: int) -> int:
 class Setting:
     """What every strategy of a run is built from: the dense model, the device training
     settings, the devices, the batch-norm mode, the aggregation rule, the label of
-    out-of-context images (Others; None when the run has none), the initial weights, and
-    every algorithm's settings of the run (one algorithm may match another: HeteroFL's width
-    matches CAD's sub-model cost at `cad.depth`)."""
+    out-of-context images (Others; None when the run has none) and the initial weights (an
+    algorithm's own settings come separately, as its `Options`)."""
 
     spec: ModelSpec
     train: TrainConfig
@@ -52,7 +51,6 @@ class Setting:
     robust: Robustness = MEAN
     other: int | None = None
     init: State | None = None
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 class Strategy(ABC):
@@ -83,8 +81,6 @@ class Strategy(ABC):
 
     def __init__(self, spec: ModelSpec, train: TrainConfig, devices: Sequence[DeviceInfo],
                  bn: str = "average", robust: Robustness = MEAN) -> None:
-        if bn not in BN_MODES:
-            raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
         self.spec, self.train, self.bn, self.robust = spec, train, bn, robust
         self.devices = {d.id: d for d in devices}
         self.notes: dict = {}
@@ -94,6 +90,11 @@ class Strategy(ABC):
         """The strategy for a run: its setting, and its `Options` as keyword arguments."""
         return cls(setting.spec, setting.train, setting.devices, bn=setting.bn,
                    robust=setting.robust, **(asdict(options) if options is not None else {}))
+
+    def begin_round(self, rnd: int, devices: Mapping[int, DeviceInfo]) -> None:
+        """Called by the engine before round `rnd` is configured, with every device's classes
+        in that round (they change with a context schedule)."""
+        self.devices = dict(devices)
 
     @staticmethod
     def answers_others(options: Any) -> bool:
@@ -150,7 +151,8 @@ class Strategy(ABC):
     def configure_train(self, rnd: int, state: State, device_ids: Sequence[int]) -> Payloads:
         """Payloads for this round's participants, produced one at a time."""
 
-    def contribution(self, state: State, device: int, update: Update) -> Contribution:
+    def contribution(self, rnd: int, state: State, device: int, update: Update
+                     ) -> Contribution:
         """How one update enters the average (default: every tensor whole, weighted by the
         device's sample count)."""
         return Contribution(update.state, update.num_samples)
@@ -158,7 +160,7 @@ class Strategy(ABC):
     def aggregate_train(self, rnd: int, state: State, updates: Updates) -> State:
         """The next global state from this round's updates, folded in as they arrive
         (device order: ascending id). Default: `aggregate` of every `contribution`."""
-        return aggregate(state, (self.contribution(state, d, u) for d, u in updates),
+        return aggregate(state, (self.contribution(rnd, state, d, u) for d, u in updates),
                          self.robust)
 
     def configure_query(self, rnd: int, state: State, device_ids: Sequence[int]

@@ -3,14 +3,16 @@
 It knows nothing about the algorithm. A "query" message asks who it is (it answers with its
 `partition-id` from the node config, and, for a node with its own images, their class names
 and counts); a "train" message carries a self-describing payload (model spec, weights, training
-config, task, what the device keeps) plus the experiment config and the round. A node with a
-`data-dir` trains on its own images (`own_data.NodeData`, labelled the run's way); otherwise it
-derives its round's data with the engine's own code (`Experiment.setup` and `enter_round`: same
-seed, same partition, same context changes). It runs the payload the way cadfl's `Runtime`
-does: its kept tensors in, `run_task`, what it keeps stored in the node's `Context.state`
-(`NodeStore`), private tensors left out of the reply. An "evaluate" message scores the
-device's own model (with what it keeps) on the test images of its classes (its own held-out
-images for a node with its own data, answered as counts) and answers with the scores only.
+config, task, what the device keeps) and its round; a node's first message of a run also
+carries the experiment config, which the node keeps in its `Context.state` (`node_run`). A
+node with a `data-dir` trains on its own images (`own_data.NodeData`, labelled the run's way);
+otherwise it derives its round's data with the engine's own code (`Experiment.setup` and
+`enter_round`: same seed, same partition, same context changes). It runs the payload the way
+cadfl's `Runtime` does: its kept tensors in, `run_task`, what it keeps stored in the node's
+`Context.state` (`NodeStore`), private tensors left out of the reply. An "evaluate" message
+scores the device's own model (with what it keeps) on the test images of its classes (its own
+held-out images for a node with its own data, answered as counts) and answers with the scores
+only.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ IDENTITY = "identity"
 EXPERIMENT = "experiment"
 CLASSES, COUNTS = "classes", "counts"  # a node's own classes and its images of each
 SCORES = "scores"
+RUN = "cadfl-run"  # the node's Context.state record of the run's config and data
 
 app = ClientApp()
 
@@ -44,8 +47,9 @@ _experiments: dict[str, Experiment] = {}
 _own: dict[tuple[str, str], NodeData] = {}
 
 
-def _threads() -> None:
-    # One worker, one thread: tiny models gain nothing from more and share the cores.
+def one_thread() -> None:
+    """Compute on one thread: a worker's tiny models gain nothing from more, and workers
+    share the cores."""
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
 
@@ -89,6 +93,20 @@ def own_data(experiment: str, context: Context) -> NodeData | None:
     return _own[key]
 
 
+def node_run(msg: Message, context: Context) -> tuple[str, str]:
+    """The run's config JSON and `RunData` JSON: the message's when it carries them (kept in
+    the node's `Context.state`), else those the node was told before."""
+    cfg = msg.content.config_records["payload"]
+    if str(cfg["experiment"]):
+        context.state[RUN] = ConfigRecord({EXPERIMENT: str(cfg["experiment"]),
+                                           "data": str(cfg["data"])})
+    told = context.state.config_records.get(RUN)
+    if told is None:
+        raise ValueError("this node has not been told the run's config (the server sends it "
+                         "in a node's first message of a run)")
+    return str(told[EXPERIMENT]), str(told["data"])
+
+
 def node_runtime(msg: Message, context: Context
                  ) -> tuple[Runtime, int, Experiment | None, NodeData | None, RunData | None]:
     """The device side of this node for the message's round: a `Runtime` on the node's data
@@ -96,13 +114,14 @@ def node_runtime(msg: Message, context: Context
     with the node's `Context.state` as its store; and the device id, the experiment (None
     with own data), the own data and the run's data description (None without)."""
     cfg = msg.content.config_records["payload"]
+    experiment, run_data = node_run(msg, context)
     store = NodeStore(context.state, str(cfg["algorithm"]))
-    own = own_data(str(cfg["experiment"]), context)
+    own = own_data(experiment, context)
     if own is not None:
-        run = RunData.from_json(str(cfg["data"]))
+        run = RunData.from_json(run_data)
         data = own.device_data(run)
         return Runtime(lambda _: data, store), node_partition(context), None, own, run
-    exp = node_experiment(str(cfg["experiment"]), context)
+    exp = node_experiment(experiment, context)
     exp.enter_round(int(cfg["round"]))
     return Runtime(exp.data, store), node_partition(context), exp, None, None
 
@@ -123,8 +142,8 @@ def identify(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Run the payload's task on this node's data and reply with the update (without what
     the device keeps private)."""
-    _threads()
-    payload, _ = decode_payload(msg.content)
+    one_thread()
+    payload = decode_payload(msg.content)
     runtime, device, *_ = node_runtime(msg, context)
     return Message(encode_update(runtime.run(device, payload)), reply_to=msg)
 
@@ -134,8 +153,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the device's own model on the test images of its classes: context accuracy,
     Others rejection and in-context accuracy with Others (nan where they do not apply); with
     its own images, on their held-out share, as counts (`NodeData.score`)."""
-    _threads()
-    payload, _ = decode_payload(msg.content)
+    one_thread()
+    payload = decode_payload(msg.content)
     runtime, device, exp, own, run = node_runtime(msg, context)
     state = runtime.own_state(device, payload)
     if own is not None:

@@ -3,10 +3,11 @@
 A payload travels as a `RecordDict` with
 - "state": an `ArrayRecord` of the state dict (torch tensors, exact dtypes and bytes),
 - "payload": a `ConfigRecord` with the `ModelSpec` JSON, the `TrainConfig` JSON, the task,
-  what the device keeps (`keep`, `private`: JSON lists of patterns), the experiment's config
-  JSON (the device derives its own data from it), the round and algorithm it belongs to
-  (the device's data and kept state depend on them), and `data`: how the run labels and
-  normalises images (`own_data.RunData` JSON; empty unless the nodes hold their own images).
+  what the device keeps (`keep`, `private`: JSON lists of patterns), the round and algorithm
+  it belongs to (the device's data and kept state depend on them), and, in a node's first
+  message of a run, the experiment's config JSON (the device derives its own data from it)
+  and `data`: how the run labels and normalises images (`own_data.RunData` JSON; empty
+  unless the nodes hold their own images).
 
 An update travels back as
 - "state": an `ArrayRecord` of the returned tensors,
@@ -37,12 +38,12 @@ def _from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(arr.numpy().copy()) for k, arr in record.items()}
 
 
-def encode_payload(payload: Payload, experiment: str = "", rnd: int = 0,
-                   algorithm: str = "", data: str = "") -> RecordDict:
-    """A payload as a Flower RecordDict; `experiment` is the config JSON the device needs to
-    find its own data (empty when the device already knows it), `rnd` and `algorithm` the
-    round and algorithm the payload is of, `data` the run's `RunData` JSON for nodes with
-    their own images."""
+def encode_payload(payload: Payload, rnd: int = 0, algorithm: str = "",
+                   experiment: str = "", data: str = "") -> RecordDict:
+    """A payload as a Flower RecordDict; `rnd` and `algorithm` the round and algorithm the
+    payload is of, `experiment` the config JSON the device needs to find its own data and
+    `data` the run's `RunData` JSON for nodes with their own images (both empty when the
+    node was told them before)."""
     config = ConfigRecord({
         "spec": json.dumps(payload.spec.to_dict()),
         "train": json.dumps(payload.config.to_dict()),
@@ -57,8 +58,8 @@ def encode_payload(payload: Payload, experiment: str = "", rnd: int = 0,
     return RecordDict({STATE: _to_record(payload.state), PAYLOAD: config})
 
 
-def decode_payload(content: RecordDict) -> tuple[Payload, str]:
-    """The payload of a RecordDict made by `encode_payload`, and its experiment JSON."""
+def decode_payload(content: RecordDict) -> Payload:
+    """The payload of a RecordDict made by `encode_payload`."""
     config = content.config_records[PAYLOAD]
     payload = Payload(spec=ModelSpec.from_dict(json.loads(str(config["spec"]))),
                       state=_from_record(content.array_records[STATE]),
@@ -66,7 +67,7 @@ def decode_payload(content: RecordDict) -> tuple[Payload, str]:
                       task=str(config["task"]),
                       keep=tuple(json.loads(str(config["keep"]))),
                       private=tuple(json.loads(str(config["private"]))))
-    return payload, str(config["experiment"])
+    return payload
 
 
 def encode_update(update: Update) -> RecordDict:

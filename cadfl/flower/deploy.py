@@ -132,7 +132,7 @@ def marked(marker: str) -> dict[int, int]:
     return out
 
 
-def _kill(pids: dict[int, int], grace: float) -> None:
+def stop_pids(pids: dict[int, int], grace: float) -> None:
     """SIGTERM, wait up to `grace` s, then SIGKILL: each pid only while its start time still
     matches (so a reused pid is never touched)."""
     def alive(pid: int) -> bool:
@@ -297,7 +297,7 @@ class Deployment:
         st = _stat(node.pid)
         if st is None:
             return
-        _kill({node.pid: st[1], **descendants([node.pid])}, 0.0)
+        stop_pids({node.pid: st[1], **descendants([node.pid])}, 0.0)
         node.wait(timeout=10)
 
     def flwr_run(self, run_config: dict, timeout: float,
@@ -332,12 +332,12 @@ class Deployment:
             st = _stat(p.pid)
             if st:
                 daemons[p.pid] = st[1]
-        _kill(daemons, grace)  # SuperLink/SuperNodes first: they stop their own children
+        stop_pids(daemons, grace)  # SuperLink/SuperNodes first: they stop their own children
         for p in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=1)
         self.seen.update(marked(self.marker))
-        _kill(self.seen, 3.0)
+        stop_pids(self.seen, 3.0)
         left = {**{p: s for p, s in self.seen.items()
                    if (st := _stat(p)) is not None and st[1] == s},
                 **marked(self.marker)}

@@ -25,7 +25,7 @@ from ..engine.experiment import Experiment
 from ..fl.payload import Payload, TrainConfig
 from ..fl.strategy import device_seed
 from ..models import ModelSpec
-from .client_app import _threads, node_experiment, node_partition
+from .client_app import node_experiment, node_partition, one_thread
 from .env import flower_environment
 from .simulation import backend_config, stop_leftovers
 
@@ -35,7 +35,7 @@ client = ClientApp()
 @client.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's partition with cadfl's device code."""
-    _threads()
+    one_thread()
     cfg = msg.content["config"]
     spec = ModelSpec.from_dict(json.loads(str(cfg["spec"])))
     base = TrainConfig.from_dict(json.loads(str(cfg["train"])))

@@ -30,9 +30,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import Config, dataset_of, load_config
-from ..device.executor import Job, Result
+from ..device.executor import Executor, Job, Result, Scores
 from ..device.train import run_task
-from ..engine.checkpoint import load_checkpoint
 from ..engine.experiment import Experiment
 from ..engine.run import run_experiment
 from ..fl.central import POOLED
@@ -51,7 +50,7 @@ class FlowerError(RuntimeError):
     """No Flower node connected to run the experiment on, or nodes' own data it cannot use."""
 
 
-class FlowerExecutor:
+class FlowerExecutor(Executor):
     """`execute` for the engine: payloads to the nodes holding those devices, updates back.
 
     Node ids are random: every node that connects is asked once (a query message) which
@@ -69,17 +68,19 @@ class FlowerExecutor:
     dropout, as in simulation.
 
     The nodes' data follow the round's contexts and their kept state is per algorithm, so
-    every message says which algorithm and round it is of: the engine runs the algorithms one
-    after another, rounds 1..R each (from `start[a] + 1` when resumed), and reports each
-    finished round to `round_done`. The centralised reference (`central`) has no device: its
-    pooled payload runs here.
+    every message says which algorithm and round it is of (the engine's `begin_round`). A
+    node is told the run (the config, and how the run labels images) once, in its first
+    message, and again only after it failed to answer. The centralised reference
+    (`central`) has no device: its pooled payload runs here.
     """
 
+    scores_devices = True
+
     def __init__(self, grid: Grid, cfg: Config, deadline: float = 600.0,
-                 wait: float = 60.0, start: dict[str, int] | None = None,
-                 out: Path | None = None) -> None:
+                 wait: float = 60.0, out: Path | None = None) -> None:
         self.grid, self.cfg, self.deadline, self.out = grid, cfg, deadline, out
         self.config_json = json.dumps(cfg.to_dict())
+        self.current = ("", 0)  # (algorithm, round) the engine is running
         self.messages = 0
         self.nodes: dict[int, int] = {}  # device -> node id
         self.reports: dict[int, dict[str, int]] = {}  # device -> its own images per class
@@ -88,27 +89,16 @@ class FlowerExecutor:
         self.run_data = ""  # RunData JSON sent to nodes with their own images
         self._late: dict[int, dict[str, int]] = {}  # reports after the start, not admitted yet
         self._asked: set[int] = set()  # node ids that said which device they hold
-        start = start or {}
-        self._todo = [(a, r) for a in cfg.algorithms
-                      for r in range(start.get(a, 0) + 1, cfg.rounds + 1)]
-        self._step = 0
+        self._told: set[int] = set()  # node ids that hold the run's config and data
         self._server: Experiment | None = None
         self.wait_for_nodes(wait)
         self.own_data = bool(self.reports)
         if self.own_data:
             self.use_own_data()
 
-    @property
-    def current(self) -> tuple[str, int]:
-        """(algorithm, round) the engine is running now."""
-        return self._todo[min(self._step, len(self._todo) - 1)] if self._todo else ("", 0)
-
-    def round_done(self, line: dict) -> None:
-        """The engine finished a round (its metric line): move on to the next."""
-        if (line["algorithm"], line["round"]) != self.current:
-            raise FlowerError(f"the engine ran {line['algorithm']} round {line['round']}, "
-                              f"the executor expected {self.current}")
-        self._step += 1
+    def begin_round(self, algorithm: str, rnd: int) -> None:
+        """The engine starts round `rnd` of `algorithm`: the messages from now on are of it."""
+        self.current = (algorithm, rnd)
 
     def wait_for_nodes(self, wait: float) -> None:
         """Wait (at most `wait` s) until every device has a node; go on with those that
@@ -160,6 +150,7 @@ class FlowerExecutor:
                 log.warning("device %d: node %d is no longer connected", d, n)
                 del self.nodes[d]
         self._asked &= connected
+        self._told &= connected
         new = sorted(connected - self._asked)
         if not new:
             return
@@ -214,14 +205,18 @@ class FlowerExecutor:
         if self.out is not None:
             exp.partition.save(self.out / "partition.json")
 
-    def reachable(self) -> list[int]:
-        """The devices with a node connected now (and, with nodes' own images, reported):
-        the engine samples a round's participants from these. A node that joined late is
-        asked first (its device admitted), one that left is not sampled."""
+    def admit(self) -> None:
+        """Follow the connected nodes (a node that joined late is asked its device, one that
+        left loses it) and admit the devices that reported their own images late."""
         self.refresh()
         for d in sorted(self._late):
             self._admit(d, self._late.pop(d))
-        return sorted(d for d in self.nodes if not self.own_data or d in self.reports)
+
+    def reachable(self, devices: int) -> list[int]:
+        """The devices with a node connected at the last `admit` (and, with nodes' own
+        images, reported): the engine samples a round's participants from these."""
+        return sorted(d for d in self.nodes
+                      if d < devices and (not self.own_data or d in self.reports))
 
     def _exchange(self, messages: dict[int, Message], what: str) -> dict[int, Message]:
         """Send messages (by node id) and wait up to the deadline; the good replies by node
@@ -269,11 +264,16 @@ class FlowerExecutor:
             if d not in self.nodes:
                 log.warning("%s round %d: device %d has no node connected", algorithm, rnd, d)
                 continue
-            messages[self.nodes[d]] = Message(
-                encode_payload(p, self.config_json, rnd, algorithm, self.run_data),
-                dst_node_id=self.nodes[d], message_type=kind)
+            n = self.nodes[d]
+            told = n in self._told
+            messages[n] = Message(
+                encode_payload(p, rnd, algorithm, *(("", "") if told else
+                                                    (self.config_json, self.run_data))),
+                dst_node_id=n, message_type=kind)
         device_of = {n: d for d, n in self.nodes.items()}
         replies = self._exchange(messages, f"{algorithm} round {rnd} {kind}")
+        # A node that did not answer may have lost what it was told (a restart): again.
+        self._told = (self._told | set(replies)) - (set(messages) - set(replies))
         return {device_of[n]: r for n, r in replies.items()}
 
     def _pooled(self, payload: Payload) -> Update:
@@ -298,8 +298,7 @@ class FlowerExecutor:
                     log.warning("device %d: unreadable update: %r", d, exc)
             yield d, p, update
 
-    def score(self, jobs: Iterable[tuple[int, Payload]]
-              ) -> Iterator[tuple[int, tuple[float, float, float]]]:
+    def score(self, jobs: Iterable[Job]) -> Iterator[tuple[int, Scores]]:
         """Have the devices score their own models (they hold what they keep); the scores
         of those that answered, in job order (`Experiment.evaluate`'s `score`)."""
         payloads = list(jobs)
@@ -315,29 +314,13 @@ class FlowerExecutor:
                               float(m["others_in_acc"]))
 
 
-def rounds_done(cfg: Config, out: Path) -> dict[str, int]:
-    """The last checkpointed round of every algorithm in run directory `out` (a resume)."""
-    done = {}
-    for a in cfg.algorithms:
-        loaded = load_checkpoint(out / "checkpoints", a)
-        done[a] = loaded[1]["round"] if loaded else 0
-    return done
-
-
 def run_on_grid(grid: Grid, cfg: Config, out: Path, wait: float = 60.0,
                 quiet: bool = True, on_round: Callable[[dict], None] | None = None,
                 resume: bool = False) -> list[dict]:
     """The whole experiment with its devices behind `grid`; writes the run directory."""
-    execute = FlowerExecutor(grid, cfg, cfg.round_deadline, wait,
-                             rounds_done(cfg, out) if resume else None, out)
-
-    def round_done(line: dict) -> None:
-        execute.round_done(line)
-        if on_round:
-            on_round(line)
-
+    execute = FlowerExecutor(grid, cfg, cfg.round_deadline, wait, out)
     return run_experiment(cfg, out, resume=resume, quiet=quiet, execute=execute,
-                          on_round=round_done, experiment=execute.experiment)
+                          on_round=on_round, experiment=execute.experiment)
 
 
 def config_from_run_config(run_config: dict) -> tuple[Config, Path, float]:

@@ -63,7 +63,7 @@ def stop_leftovers(run_dir: Path, wait: float = 20.0) -> list[int]:
     """Wait (bounded) for the run's Ray processes to exit after `ray.shutdown()`, then stop
     any that remain, by PID: they are the live processes whose environment holds this run's
     FLWR_HOME. Returns the pids that had to be stopped."""
-    from .deploy import _kill, marked
+    from .deploy import marked, stop_pids
 
     marker = f"FLWR_HOME={flower_env(run_dir)['FLWR_HOME']}"
     deadline = time.monotonic() + wait
@@ -72,7 +72,7 @@ def stop_leftovers(run_dir: Path, wait: float = 20.0) -> list[int]:
         time.sleep(0.25)
         left = marked(marker)
     if left:
-        _kill(left, 3.0)
+        stop_pids(left, 3.0)
     return sorted(left)
 
 

@@ -21,7 +21,7 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to("meta")
 
 
-def _count_forward(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
+def count_forward(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
     """Total forward FLOPs for one image, and the FLOPs of each direct child module."""
     meta = _meta_copy(model).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -35,7 +35,7 @@ def _count_forward(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int,
 
 def flops_per_layer(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     """Forward FLOPs for one image of each direct child of `model`, counted by FlopCounterMode."""
-    return _count_forward(model, input_shape)[1]
+    return count_forward(model, input_shape)[1]
 
 
 def train_flops(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1) -> int:
