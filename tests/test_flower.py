@@ -151,6 +151,7 @@ class LoopbackGrid:
         self.trained: dict[int, list[tuple[int, ...]]] = {}  # partition: its models' classes
         self.app = app
         self.sent = 0
+        self.told = 0  # train/evaluate messages that carried the run's config
         self.silent: set[int] = set()  # nodes that never answer (a timeout)
         self.gone: dict[int, Context] = {}  # nodes that left, with their state
         self.replies: dict[str, Message] = {}  # by the id of the message they answer
@@ -177,6 +178,9 @@ class LoopbackGrid:
             msg.metadata.__dict__["_message_id"] = f"m{self.sent}"  # as Flower's grids do
             ids.append(f"m{self.sent}")
             self.sent += 1
+            if msg.metadata.message_type in ("train", "evaluate") and \
+                    msg.content.config_records["payload"]["experiment"]:
+                self.told += 1
             if msg.metadata.message_type == "train":
                 payload = decode_payload(msg.content)
                 pid = self.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
@@ -221,6 +225,7 @@ def test_flower_protocol_reproduces_the_engine_exactly(tmp_path, digits):
     # One query round, then one message per device per round for CAD and FedAvg
     # (central trains on the pooled data in the ServerApp and sends nothing).
     assert grid.sent == cfg.devices + 2 * cfg.rounds * cfg.devices
+    assert grid.told == cfg.devices  # the config goes to a node once per run
 
 
 def test_the_client_app_computes_at_the_runs_precision(tmp_path, digits):
