@@ -36,8 +36,9 @@ class TrainConfig:
     - `personal_lambda` > 0: the device also trains its personal model (`personal/` tensors,
       starting from the received model the first time) with the proximal term
       (lambda/2)||v - w_received||^2 towards the received model (Ditto).
-    - `control`: SCAFFOLD's corrected gradient g - c_device + c_server, with the server's
-      control variate in the payload (`control/`) and the device's own (`own_control/`).
+    - `control`: SCAFFOLD's correction w -= lr (c_server - c_device) after every optimizer
+      step, with the server's control variate in the payload (`control/`) and the device's
+      own (`own_control/`).
     - `mask_absent`: cross-entropy over the logits of the classes the device holds only
       (HeteroFL's label split).
 

@@ -1,14 +1,15 @@
 """SCAFFOLD (Karimireddy et al., ICML 2020): stochastic controlled averaging.
 
 The cloud keeps a control variate c (one tensor per trainable parameter, `control/` in the
-state, sent with the model); each device keeps its own c_i (zero at first). Devices correct
-every local gradient by c - c_i and, after K local steps, set c_i+ to the mean of their K raw
-local gradients, sending back y_i and the change of c_i. Under plain SGD this is exactly
-option II, c_i+ = c_i - c + (x - y_i) / (K lr); with momentum (train.momentum > 0) the option
-II formula overstates it by up to 1/(1 - momentum), and on digits it drove the control
-variates, and the model, to divergence within 20 rounds. The cloud moves x by `global_lr`
-times the mean change of the models and c by the sum of the changes of c_i divided by the
-number of devices (|S|/N times their mean).
+state, sent with the model); each device keeps its own c_i (zero at first). After every local
+optimizer step a device moves its weights by -lr (c - c_i), and after K steps it sets
+c_i+ = c_i - c + (x - y_i) / (K lr) (option II), sending back y_i and the change of c_i. With
+momentum the correction stays out of the momentum buffer, as in NIID-Bench's
+`train_net_scaffold` (Xtra-Computing/NIID-Bench, experiments.py): added to the gradient, it was
+amplified through the buffer, and SCAFFOLD diverged on paper-flcnn at lr 0.01 in both seeds
+(tests/test_scaffold.py keeps a 5%-data reproduction). The cloud moves x by `global_lr` times
+the mean change of the models and c by the sum of the changes of c_i divided by the number of
+devices (|S|/N times their mean).
 """
 
 from __future__ import annotations
