@@ -46,6 +46,7 @@ from cadfl.device.compute import resolve_device  # noqa: E402
 from cadfl.device.precision import PRECISIONS, resolve_precision  # noqa: E402
 from cadfl.engine.run import read_metrics, run_experiment  # noqa: E402
 from cadfl.fl import ALGORITHMS  # noqa: E402
+from cadfl.report.summary import health  # noqa: E402
 from cadfl.sweep import run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,15 +311,17 @@ def table(out: Path, name: str) -> tuple[str, list[dict]]:
                                       for lines in per_seed.values() for m in lines),
             "wall": statistics.mean(sum(m["wall_s"] for m in lines) / len(lines)
                                     for lines in per_seed.values()),
+            "health": "; ".join(f"seed {seed}: {h}" for seed, lines in per_seed.items()
+                                if (h := health(lines)) != "ok") or "ok",
         })
     head = ("| algorithm | family | judged by | tuned lr | best global | last global | "
             "best context | last context | round reaching target | MB/device/round | "
-            "device GFLOPs/round | train s/round |\n|" + "---|" * 12)
+            "device GFLOPs/round | train s/round | health |\n|" + "---|" * 13)
     body = "\n".join(
         f"| {r['algorithm']} | {r['family']} | {r['judged_by']} | {r['lr']:g} | "
         f"{r['best_global']} | {r['last_global']} | {r['best_context']} | "
         f"{r['last_context']} | {r['reached']} | {r['mb']:.2f} | {r['gflops']:.2f} | "
-        f"{r['wall']:.1f} |" for r in rows)
+        f"{r['wall']:.1f} | {r['health']} |" for r in rows)
     return f"{head}\n{body}", rows
 
 

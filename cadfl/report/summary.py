@@ -5,9 +5,31 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+HEALTH_DROP = 0.05  # a last accuracy this far below the best is flagged
+
 
 def _clean(values: Sequence[float | None]) -> list[float]:
     return [v for v in values if v is not None and not math.isnan(v)]
+
+
+def health(lines: Sequence[dict]) -> str:
+    """The word "ok", or what went wrong in one algorithm's run (its metric lines) and when:
+    updates rejected (from the first round with any), or a last accuracy (global, or context
+    without a global model) more than `HEALTH_DROP` below its best (the round of the best)."""
+    flags = []
+    rejected = [m["round"] for m in lines if m.get("rejected")]
+    if rejected:
+        flags.append(f"updates rejected from round {rejected[0]}")
+    key = "global_acc" if _clean([m["global_acc"] for m in lines]) else "context_acc"
+    scored = [(m["round"], m[key]) for m in lines
+              if m[key] is not None and not math.isnan(m[key])]
+    if scored:
+        best_round, best = max(scored, key=lambda rv: rv[1])
+        drop = best - scored[-1][1]
+        if drop > HEALTH_DROP:
+            flags.append(f"last {key.split('_')[0]} {100 * drop:.1f} points below its best "
+                         f"(round {best_round})")
+    return "; ".join(flags) or "ok"
 
 
 def summarize(lines: Sequence[dict], target: float, participants: int) -> list[dict]:
@@ -36,6 +58,7 @@ def summarize(lines: Sequence[dict], target: float, participants: int) -> list[d
             "total_mb": sum(m["bytes_down"] + m["bytes_up"] for m in ms) * participants / 1e6,
             "gflops_per_device_round": sum(m["device_train_flops"] for m in ms) / len(ms) / 1e9,
             "wall_s": sum(m["wall_s"] for m in ms),
+            "health": health(ms),
         })
     return rows
 
@@ -48,7 +71,7 @@ COLUMNS = [("algorithm", "algorithm", "{}"), ("best_global_acc", "best global", 
            ("mb_per_device_round", "MB/device/round", "{:.3f}"),
            ("total_mb", "total MB", "{:.1f}"),
            ("gflops_per_device_round", "GFLOP/device/round", "{:.3f}"),
-           ("wall_s", "train s", "{:.1f}")]
+           ("wall_s", "train s", "{:.1f}"), ("health", "health", "{}")]
 
 
 def _cells(row: dict) -> list[str]:
