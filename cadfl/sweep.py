@@ -10,6 +10,11 @@ rounds so that one lucky round does not decide. The best point per algorithm bec
 `[overrides.NAME]` in the tuned config, which `cadfl run` takes as it is. The config's own
 `[overrides.*]` are left out of the sweep: every point starts from the base settings.
 
+A point is unstable for an algorithm when its updates were rejected or its last validation
+accuracy fell more than `cadfl.report.summary.HEALTH_DROP` below its best
+(`cadfl.report.summary.health`): it is marked in the table and not chosen while a stable
+point exists. A choice at the edge of a grid key says so in `sweep.md`: widen the grid there.
+
 Every point is a run directory of its own under the sweep's folder, so an interrupted sweep
 continues where it stopped (finished points are read back, a half-done one resumed).
 """
@@ -36,6 +41,7 @@ from .config import (
 )
 from .engine.run import read_metrics, run_experiment
 from .fl import ALGORITHMS
+from .report.summary import health
 
 LAST = 3
 DEFAULT_VALIDATION = 0.1
@@ -50,6 +56,19 @@ class SweepResult:
     scores: dict[str, list[float]]  # algorithm -> score per point (nan: no score)
     best: dict[str, int]  # algorithm -> index of its best point
     tuned: Config
+    unstable: dict[str, list[str]]  # algorithm -> per point, why it is unstable ("": stable)
+
+    def edges(self, algorithm: str) -> list[str]:
+        """The grid keys whose lowest or highest value the algorithm's choice sits at (of
+        keys with more than one value), e.g. "train.lr at its lowest value 0.01"."""
+        point = self.points[self.best[algorithm]]
+        out = []
+        for i, key in enumerate(self.keys):
+            values = sorted({p[i] for p in self.points})
+            if len(values) > 1 and point[i] in (values[0], values[-1]):
+                side = "lowest" if point[i] == values[0] else "highest"
+                out.append(f"{key} at its {side} value {point[i]}")
+        return out
 
 
 def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[Any]]]:
@@ -124,6 +143,7 @@ def run_sweep(config: str | None, overrides: Sequence[str], grid: Sequence[tuple
         for value in values:
             load_config(config, [*overrides, f"{key}={_toml_value(value)}"])
     scores: dict[str, list[float]] = {a: [] for a in base.algorithms}
+    unstable: dict[str, list[str]] = {a: [] for a in base.algorithms}
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(points), desc="sweep", unit="point", disable=None if not quiet else True)
     for i, point in enumerate(points):
@@ -140,22 +160,29 @@ def run_sweep(config: str | None, overrides: Sequence[str], grid: Sequence[tuple
                                    quiet=True)
         for a in base.algorithms:
             scores[a].append(score(lines, a))
+            own = [m for m in lines if m["algorithm"] == a]
+            unstable[a].append("" if health(own) == "ok" else health(own))
         bar.update()
         if not quiet:
             done = "  ".join(f"{a} {scores[a][-1]:.3f}" for a in base.algorithms)
             tqdm.write(f"[{i + 1}/{len(points)}] {label}: {done}")
     bar.close()
-    best = {a: max(range(len(points)), key=lambda j, a=a: _finite(scores[a][j]))
-            for a in base.algorithms}
+    best = {a: best_point(scores[a], unstable[a]) for a in base.algorithms}
     tuned_data = base.to_dict()
     tuned_data["validation_fraction"] = validation
     tuned_data["overrides"] = {a: tuned_overrides(a, keys, points[best[a]])
                                for a in base.algorithms}
     tuned_data["overrides"] = {a: o for a, o in tuned_data["overrides"].items() if o}
     tuned = config_from_dict(tuned_data)
-    result = SweepResult(keys, points, scores, best, tuned)
+    result = SweepResult(keys, points, scores, best, tuned, unstable)
     write_sweep(result, out, base, rounds, validation)
     return result
+
+
+def best_point(scores: Sequence[float], unstable: Sequence[str]) -> int:
+    """The index of the best point: the highest score among the stable points (`unstable`
+    empty there), or among all when none is stable."""
+    return max(range(len(scores)), key=lambda j: (not unstable[j], _finite(scores[j])))
 
 
 def _finite(x: float) -> float:
@@ -171,20 +198,30 @@ def write_sweep(result: SweepResult, out: Path, base: Config, rounds: int,
               for p in result.points]
     header = "| algorithm | judged by | " + " | ".join(labels) + " | best |"
     rows = [header, "|" + "---|" * (len(labels) + 3)]
+    notes = []
     for a, values in result.scores.items():
         cells = [("**{:.3f}**" if j == result.best[a] else "{:.3f}").format(v)
+                 + (" (unstable)" if result.unstable[a][j] else "")
                  for j, v in enumerate(values)]
         rows.append(f"| {a} | {ALGORITHMS[a].judged_by} | " + " | ".join(cells)
                     + f" | {labels[result.best[a]]} |")
+        notes += [f"- {a} at {labels[j]}: unstable, {why}"
+                  for j, why in enumerate(result.unstable[a]) if why]
+        if result.unstable[a][result.best[a]]:
+            notes.append(f"- {a}: every point is unstable; the best score is taken")
+        notes += [f"- {a}: chosen with {edge}, the edge of the grid: widen it there"
+                  for edge in result.edges(a)]
     title = (f"{base.dataset} / {base.model}, {base.devices} devices, {rounds} rounds per "
              f"point, seed {base.seed}; scores on the validation split ({validation:.0%} of "
              f"every device's images, never trained on), mean of the last {LAST} evaluations")
     (out / "sweep.md").write_text(f"# Sweep\n\n{title}.\n\n" + "\n".join(rows)
+                                  + ("\n\n" + "\n".join(notes) if notes else "")
                                   + "\n\n![heatmap](heatmap.png)\n\nTuned config: "
                                   "`tuned.toml` (`cadfl run tuned.toml`).\n")
     (out / "sweep.json").write_text(json.dumps({
         "keys": result.keys, "points": [list(p) for p in result.points],
-        "scores": result.scores, "best": result.best, "rounds": rounds,
+        "scores": result.scores, "best": result.best, "unstable": result.unstable,
+        "rounds": rounds,
         "validation_fraction": validation}, indent=1))
     (out / "tuned.toml").write_text(
         "# Written by cadfl sweep: the base config with each algorithm's best settings on\n"
@@ -195,11 +232,16 @@ def write_sweep(result: SweepResult, out: Path, base: Config, rounds: int,
 
 
 def print_table(result: SweepResult) -> None:
-    """The grid as a plain-text table on stdout (best point of each algorithm starred)."""
+    """The grid as a plain-text table on stdout (best point of each algorithm starred, an
+    unstable point marked !), and every choice at the edge of the grid."""
     labels = [", ".join(f"{k}={v}" for k, v in zip(result.keys, p, strict=True))
               for p in result.points]
     width = max(12, *(len(label) for label in labels))
     print(f"{'algorithm':<10} " + " ".join(f"{label:>{width}}" for label in labels))
     for a, values in result.scores.items():
-        cells = [f"{v:.3f}{'*' if j == result.best[a] else ' '}" for j, v in enumerate(values)]
+        cells = [f"{v:.3f}{'*' if j == result.best[a] else ' '}"
+                 f"{'!' if result.unstable[a][j] else ' '}" for j, v in enumerate(values)]
         print(f"{a:<10} " + " ".join(f"{c:>{width}}" for c in cells))
+    for a in result.scores:
+        for edge in result.edges(a):
+            print(f"{a}: chosen with {edge}, the edge of the grid: widen it there")

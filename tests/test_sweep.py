@@ -9,7 +9,7 @@ import pytest
 
 from cadfl.cli import main
 from cadfl.config import ConfigError, load_config
-from cadfl.sweep import parse_grid, score
+from cadfl.sweep import best_point, parse_grid, run_sweep, score
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,7 +51,8 @@ def test_a_sweep_picks_each_algorithms_best_point_on_validation_data(tmp_path, c
     tuned = load_config(out / "tuned.toml")
     assert tuned.eval_split == "test" and tuned.validation_fraction == 0.1
     for algo in ("fedavg", "fedper"):
-        best = max((0, 1), key=lambda i, a=algo: found["scores"][a][i])
+        best = max((0, 1), key=lambda i, a=algo: (not found["unstable"][a][i],
+                                                 found["scores"][a][i]))
         assert tuned.for_algorithm(algo).train.lr == (0.01, 0.1)[best]
     for name in ("sweep.md", "heatmap.png"):
         assert (out / name).stat().st_size > 0
@@ -68,3 +69,21 @@ def test_the_grid_is_not_hidden_by_the_configs_own_overrides(tmp_path):
     for i, lr in enumerate((0.01, 0.1)):
         cfg = load_config(tmp_path / f"point-{i:02d}" / "config.toml")
         assert cfg.overrides == {} and cfg.for_algorithm("fedavg").train.lr == lr
+
+
+def test_an_unstable_point_is_not_chosen_over_a_stable_one():
+    assert best_point([0.5, 0.7, 0.6], ["", "updates rejected from round 3", ""]) == 2
+    assert best_point([0.5, 0.7, 0.6], ["fell", "fell", "fell"]) == 1  # none stable
+
+
+def test_a_diverging_point_is_marked_and_an_edge_choice_says_so(tmp_path):
+    out = tmp_path / "sweep"
+    result = run_sweep(None, ["devices=4", "data_fraction=0.5", 'algorithms=["fedavg"]'],
+                       [("train.lr", [0.05, 50.0])], 3, out, quiet=True)
+    assert result.unstable["fedavg"][0] == ""
+    assert result.unstable["fedavg"][1].startswith("updates rejected from round")
+    assert result.best["fedavg"] == 0
+    assert result.edges("fedavg") == ["train.lr at its lowest value 0.05"]
+    text = (out / "sweep.md").read_text()
+    assert "(unstable)" in text
+    assert "- fedavg: chosen with train.lr at its lowest value 0.05, the edge of the grid" in text
