@@ -145,7 +145,7 @@ def run_setting(name: str, seeds: list[int], out: Path, precision: str = "auto")
         print(f"{time.strftime('%H:%M:%S')} {name}: sweep", flush=True)
         tuned = _timed(RUNS / name / "sweep", run_sweep, path, overrides,
                        [("train.lr", list(s.lrs))], s.sweep_rounds, RUNS / name / "sweep",
-                       quiet=False).tuned
+                       quiet=False, extend=2).tuned
     else:  # tuned already: the preset carries its sweep's choices as [overrides.*]
         tuned = load_config(path, overrides)
     for seed in seeds:

@@ -339,6 +339,10 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
                    help="a setting and its values (TOML); repeat for a product grid")
     p.add_argument("--rounds", type=int, required=True, help="rounds of every run")
+    p.add_argument("--extend", type=int, default=2, metavar="N",
+                   help="a one-key grid of floats (the learning rate) grows past an end an "
+                   "algorithm chose, one geometric step at a time, at most N values per end "
+                   "(default 2; 0: the grid as given)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of CONFIG for every run (as for cadfl run)")
     p.add_argument("--out", metavar="DIR", help="sweep folder (default: runs/sweep-TIMESTAMP)")
@@ -355,9 +359,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.rounds < 1:
         raise UserError(f"--rounds {args.rounds}: give at least 1")
+    if args.extend < 0:
+        raise UserError(f"--extend {args.extend}: give 0 or more")
     out = Path(args.out or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     result = run_sweep(args.config, _with_precision(args), parse_grid(args.grid), args.rounds, out,
-                       quiet=args.quiet)
+                       quiet=args.quiet, extend=args.extend)
     print_table(result)
     print(f"\nsweep folder: {out}  (sweep.md, heatmap.png; tuned config: {out / 'tuned.toml'})")
     return 0

@@ -9,6 +9,8 @@ mean of global and context accuracy for the rest), averaged over its last `LAST`
 rounds so that one lucky round does not decide. The best point per algorithm becomes its
 `[overrides.NAME]` in the tuned config, which `cadfl run` takes as it is. The config's own
 `[overrides.*]` are left out of the sweep: every point starts from the base settings.
+`--extend N` widens a one-key numeric grid (the learning rate) past an end that an
+algorithm chose, up to N values per end.
 
 A point is unstable for an algorithm when its updates were rejected or its last validation
 accuracy fell more than `cadfl.report.summary.HEALTH_DROP` below its best
@@ -129,9 +131,13 @@ def tuned_overrides(algorithm: str, keys: Sequence[str], point: Sequence[Any]
 
 
 def run_sweep(config: str | None, overrides: Sequence[str], grid: Sequence[tuple[str, list]],
-              rounds: int, out: Path, quiet: bool = False) -> SweepResult:
+              rounds: int, out: Path, quiet: bool = False, extend: int = 0) -> SweepResult:
     """Run the sweep into `out` (one run directory per point) and write `sweep.md`,
-    `sweep.json`, `heatmap.png` and the tuned config `tuned.toml`."""
+    `sweep.json`, `heatmap.png` and the tuned config `tuned.toml`.
+
+    With `extend` > 0 and a grid of one numeric key, a choice at either end of the grid adds
+    a value beyond it (one geometric step: v0^2 / v1 below, vn^2 / vn-1 above), at most
+    `extend` per end, until no algorithm's choice sits at an end that may still grow."""
     # Every point starts from the base settings: tuned [overrides.*] of the config (the
     # embedded default has some) would hide the grid's values.
     overrides = [*overrides, "overrides={}"]
@@ -146,7 +152,8 @@ def run_sweep(config: str | None, overrides: Sequence[str], grid: Sequence[tuple
     unstable: dict[str, list[str]] = {a: [] for a in base.algorithms}
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(points), desc="sweep", unit="point", disable=None if not quiet else True)
-    for i, point in enumerate(points):
+
+    def run_point(i: int, point: tuple[Any, ...]) -> None:
         label = ", ".join(f"{k}={v}" for k, v in zip(keys, point, strict=True))
         cfg = load_config(config, [*overrides, f"rounds={rounds}",
                                    f"validation_fraction={validation}",
@@ -166,7 +173,20 @@ def run_sweep(config: str | None, overrides: Sequence[str], grid: Sequence[tuple
         if not quiet:
             done = "  ".join(f"{a} {scores[a][-1]:.3f}" for a in base.algorithms)
             tqdm.write(f"[{i + 1}/{len(points)}] {label}: {done}")
+
+    for i, point in enumerate(points):
+        run_point(i, point)
+    grown = {"lowest": 0, "highest": 0}
+    while extend and (value := value_beyond(points, scores, unstable, grown, extend)) is not None:
+        points.append((value,))  # run directories keep the order the points were made in
+        bar.total += 1
+        run_point(len(points) - 1, points[-1])
     bar.close()
+    # Shown and chosen in the grid's order, lowest value first.
+    order = sorted(range(len(points)), key=lambda j: points[j])
+    points = [points[j] for j in order]
+    scores = {a: [v[j] for j in order] for a, v in scores.items()}
+    unstable = {a: [v[j] for j in order] for a, v in unstable.items()}
     best = {a: best_point(scores[a], unstable[a]) for a in base.algorithms}
     tuned_data = base.to_dict()
     tuned_data["validation_fraction"] = validation
@@ -177,6 +197,25 @@ def run_sweep(config: str | None, overrides: Sequence[str], grid: Sequence[tuple
     result = SweepResult(keys, points, scores, best, tuned, unstable)
     write_sweep(result, out, base, rounds, validation)
     return result
+
+
+def value_beyond(points: list[tuple[Any, ...]], scores: dict[str, list[float]],
+                 unstable: dict[str, list[str]], grown: dict[str, int], most: int
+                 ) -> float | None:
+    """The value to add beyond an end of a one-key grid of positive floats where some
+    algorithm's choice sits (the lower end first), counted in `grown`; None when there is
+    none, the grid has another shape, or both ends have grown `most` times."""
+    values = sorted(p[0] for p in points)
+    if len(points[0]) != 1 or len(values) < 2 or not all(
+            isinstance(v, float) and v > 0 for v in values):
+        return None
+    chosen = {points[best_point(scores[a], unstable[a])][0] for a in scores}
+    for side, end, inner in (("lowest", values[0], values[1]),
+                             ("highest", values[-1], values[-2])):
+        if end in chosen and grown[side] < most:
+            grown[side] += 1
+            return float(f"{end * end / inner:.3g}")  # 0.01, 0.03 -> 0.00333
+    return None
 
 
 def best_point(scores: Sequence[float], unstable: Sequence[str]) -> int:

@@ -88,6 +88,20 @@ def test_fl_cnn_shapes_and_parameter_count_by_hand() -> None:
     assert [layer.kind for layer in bn.layers].count("bn") == 2
 
 
+def test_cnn64_is_fedreps_cifar_cnn_by_hand() -> None:
+    # lgcollins/FedRep models/Nets.py CNNCifar: conv 3->64 5x5, pool, conv 64->64 5x5, pool,
+    # fc 1600-120, fc 120-64, fc 64-10: 307,842 parameters.
+    expected = ((3 * 64 * 25 + 64) + (64 * 64 * 25 + 64) + (1600 * 120 + 120)
+                + (120 * 64 + 64) + (64 * 10 + 10))
+    assert expected == 307_842
+    spec = get_model("cnn64", num_classes=10)
+    model = build_model(spec)
+    assert n_params(model) == expected
+    assert [layer.kind for layer in spec.layers if layer.kind in ("conv", "linear")] == \
+        ["conv", "conv", "linear", "linear", "linear"]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_vgg16_without_batch_norm() -> None:
     spec = get_model("vgg16", batch_norm=False)
     assert not any(layer.kind == "bn" for layer in spec.layers)

@@ -9,7 +9,7 @@ import pytest
 
 from cadfl.cli import main
 from cadfl.config import ConfigError, load_config
-from cadfl.sweep import best_point, parse_grid, run_sweep, score
+from cadfl.sweep import best_point, parse_grid, run_sweep, score, value_beyond
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,19 +41,22 @@ def test_a_sweep_picks_each_algorithms_best_point_on_validation_data(tmp_path, c
     assert main(args) == 0
     assert "fedper" in capsys.readouterr().out
     found = json.loads((out / "sweep.json").read_text())
-    for i, lr in enumerate((0.01, 0.1)):
-        cfg = load_config(out / f"point-{i:02d}" / "config.toml")
-        assert (cfg.train.lr, cfg.eval_split, cfg.validation_fraction) == (lr, "validation", 0.1)
-        lines = [json.loads(s) for s in
-                 (out / f"point-{i:02d}" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [p[0] for p in found["points"]]
+    assert lrs == sorted(lrs) and {0.01, 0.1} <= set(lrs)
+    for d in sorted(out.glob("point-*")):
+        cfg = load_config(d / "config.toml")
+        assert (cfg.eval_split, cfg.validation_fraction) == ("validation", 0.1)
+        i = lrs.index(cfg.train.lr)
+        lines = [json.loads(s) for s in (d / "metrics.jsonl").read_text().splitlines()]
         for algo in ("fedavg", "fedper"):
             assert found["scores"][algo][i] == pytest.approx(score(lines, algo))
+    assert load_config(out / "point-00" / "config.toml").train.lr == 0.01  # made in order
     tuned = load_config(out / "tuned.toml")
     assert tuned.eval_split == "test" and tuned.validation_fraction == 0.1
     for algo in ("fedavg", "fedper"):
-        best = max((0, 1), key=lambda i, a=algo: (not found["unstable"][a][i],
-                                                 found["scores"][a][i]))
-        assert tuned.for_algorithm(algo).train.lr == (0.01, 0.1)[best]
+        best = max(range(len(lrs)), key=lambda i, a=algo: (not found["unstable"][a][i],
+                                                           found["scores"][a][i]))
+        assert tuned.for_algorithm(algo).train.lr == lrs[best]
     for name in ("sweep.md", "heatmap.png"):
         assert (out / name).stat().st_size > 0
     # Run again: the finished points are read back, not trained again.
@@ -87,3 +90,14 @@ def test_a_diverging_point_is_marked_and_an_edge_choice_says_so(tmp_path):
     text = (out / "sweep.md").read_text()
     assert "(unstable)" in text
     assert "- fedavg: chosen with train.lr at its lowest value 0.05, the edge of the grid" in text
+
+
+def test_a_choice_at_an_end_widens_the_grid_a_bounded_number_of_times():
+    points = [(0.01,), (0.1,)]
+    grown = {"lowest": 0, "highest": 0}
+    low = {"a": [0.9, 0.1], "b": [0.1, 0.2]}  # a chose 0.01 (low end), b chose 0.1 (high end)
+    stable = {"a": ["", ""], "b": ["", ""]}
+    assert value_beyond(points, low, stable, grown, 1) == 0.001  # 0.01^2 / 0.1
+    assert value_beyond(points, low, stable, grown, 1) == 1.0  # then the high end: 0.1^2 / 0.01
+    assert value_beyond(points, low, stable, grown, 1) is None  # both ends used up
+    assert value_beyond([(1,), (2,)], low, stable, {"lowest": 0, "highest": 0}, 3) is None  # ints

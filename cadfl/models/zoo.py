@@ -15,6 +15,9 @@ Exact shapes (CIFAR input 3x32x32):
 - `fl_cnn`: the 2-conv CIFAR CNN of federated-learning papers (McMahan et al. 2017): conv 5x5
   32 - pool - conv 5x5 64 - pool - fc 512 - fc K, unpadded (32 -> 28 -> 14 -> 10 -> 5:
   64x5x5 = 1600 features), no batch norm (switchable).
+- `cnn64`: the CIFAR CNN of FedRep (Collins et al. 2021; `CNNCifar` in lgcollins/FedRep,
+  models/Nets.py): conv 5x5 64 - pool - conv 5x5 64 - pool - fc 120 - fc 64 - fc K, unpadded
+  (1600 features), no batch norm (switchable).
 """
 
 from __future__ import annotations
@@ -80,12 +83,20 @@ def fl_cnn(num_classes: int = 10, input_shape: tuple[int, int, int] = CIFAR_SHAP
                             num_classes, batch_norm=batch_norm, hidden=(512,))
 
 
+def cnn64(num_classes: int = 10, input_shape: tuple[int, int, int] = CIFAR_SHAPE,
+          batch_norm: bool = False) -> ModelSpec:
+    """FedRep's CIFAR CNN: two unpadded 5x5 convs of 64 filters, fc 1600-120-64-K."""
+    return spec_from_config("cnn64", [(64, 5, 0), "M", (64, 5, 0), "M"], input_shape,
+                            num_classes, batch_norm=batch_norm, hidden=(120, 64))
+
+
 MODELS: dict[str, Callable[..., ModelSpec]] = {
     "lenet5": lenet5, "alexnet": alexnet, "vgg11": vgg11, "vgg16": vgg16,
-    "digits_cnn": digits_cnn, "fl_cnn": fl_cnn,
+    "digits_cnn": digits_cnn, "fl_cnn": fl_cnn, "cnn64": cnn64,
 }
 DEFAULT_INPUT = {"lenet5": CIFAR_SHAPE, "alexnet": CIFAR_SHAPE, "vgg11": CIFAR_SHAPE,
-                 "vgg16": CIFAR_SHAPE, "digits_cnn": DIGITS_SHAPE, "fl_cnn": CIFAR_SHAPE}
+                 "vgg16": CIFAR_SHAPE, "digits_cnn": DIGITS_SHAPE, "fl_cnn": CIFAR_SHAPE,
+                 "cnn64": CIFAR_SHAPE}
 
 
 def get_model(name: str, num_classes: int = 10,
