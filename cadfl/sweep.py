@@ -15,7 +15,9 @@ algorithm chose, up to N values per end.
 A point is unstable for an algorithm when its updates were rejected or its last validation
 accuracy fell more than `cadfl.report.summary.HEALTH_DROP` below its best
 (`cadfl.report.summary.health`): it is marked in the table and not chosen while a stable
-point exists. A choice at the edge of a grid key says so in `sweep.md`: widen the grid there.
+point exists. A point that is clearly lost (updates rejected, or `LOST_DROP` below its best)
+stops early, so a sweep can score over the run's whole horizon. A choice at the edge of a
+grid key says so in `sweep.md`.
 
 Every point is a run directory of its own under the sweep's folder, so an interrupted sweep
 continues where it stopped (finished points are read back, a half-done one resumed).
@@ -46,6 +48,7 @@ from .fl import ALGORITHMS
 from .report.summary import health
 
 LAST = 3
+LOST_DROP = 0.10  # a sweep point this far below its best stops early
 DEFAULT_VALIDATION = 0.1
 
 
@@ -164,7 +167,7 @@ def run_sweep(config: str | None, overrides: Sequence[str], grid: Sequence[tuple
         lines = read_metrics(run_dir / "metrics.jsonl")
         if len(lines) < rounds * len(cfg.algorithms) or not (run_dir / "summary.md").exists():
             lines = run_experiment(cfg, run_dir, resume=(run_dir / "config.toml").exists(),
-                                   quiet=True)
+                                   quiet=True, stop=clearly_lost)
         for a in base.algorithms:
             scores[a].append(score(lines, a))
             own = [m for m in lines if m["algorithm"] == a]
@@ -216,6 +219,18 @@ def value_beyond(points: list[tuple[Any, ...]], scores: dict[str, list[float]],
             grown[side] += 1
             return float(f"{end * end / inner:.3g}")  # 0.01, 0.03 -> 0.00333
     return None
+
+
+def clearly_lost(lines: Sequence[dict]) -> bool:
+    """Whether a sweep point's algorithm (its metric lines so far) can stop early: updates
+    were rejected, or its validation accuracy fell more than `LOST_DROP` below its best.
+    Either marks the point unstable, so it is not chosen while a stable one exists."""
+    if any(m.get("rejected") for m in lines):
+        return True
+    judged = [m["global_acc"] if m["global_acc"] is not None else m["context_acc"]
+              for m in lines]
+    scored = [v for v in judged if v is not None and not math.isnan(v)]
+    return bool(scored) and max(scored) - scored[-1] > LOST_DROP
 
 
 def best_point(scores: Sequence[float], unstable: Sequence[str]) -> int:

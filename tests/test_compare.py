@@ -102,3 +102,9 @@ def test_a_run_at_another_precision_starts_again(tiny, capsys):
     assert "tiny seed 0 fedavg: run at another precision" in printed
     assert printed.count(" seed ") == 2  # that restart and its run, nothing else redone
     assert load_config(str(run / "config.toml")).precision == ran
+
+
+@pytest.mark.parametrize("name", [n for n, s in compare.SETTINGS.items() if s.sweep_rounds])
+def test_a_setting_is_swept_over_the_rounds_its_runs_go(name):
+    path, overrides = compare.base_config(name)
+    assert compare.SETTINGS[name].sweep_rounds == load_config(path, overrides).rounds

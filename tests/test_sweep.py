@@ -82,10 +82,17 @@ def test_an_unstable_point_is_not_chosen_over_a_stable_one():
 def test_a_diverging_point_is_marked_and_an_edge_choice_says_so(tmp_path):
     out = tmp_path / "sweep"
     result = run_sweep(None, ["devices=4", "data_fraction=0.5", 'algorithms=["fedavg"]'],
-                       [("train.lr", [0.05, 50.0])], 3, out, quiet=True)
+                       [("train.lr", [0.05, 50.0])], 4, out, quiet=True)
     assert result.unstable["fedavg"][0] == ""
     assert result.unstable["fedavg"][1].startswith("updates rejected from round")
     assert result.best["fedavg"] == 0
+    # The lost point stopped early, and stays stopped when the sweep is run again.
+    lost = (out / "point-01" / "metrics.jsonl").read_text().splitlines()
+    assert len((out / "point-00" / "metrics.jsonl").read_text().splitlines()) == 4
+    assert 1 <= len(lost) < 4
+    run_sweep(None, ["devices=4", "data_fraction=0.5", 'algorithms=["fedavg"]'],
+              [("train.lr", [0.05, 50.0])], 4, out, quiet=True)
+    assert (out / "point-01" / "metrics.jsonl").read_text().splitlines() == lost
     assert result.edges("fedavg") == ["train.lr at its lowest value 0.05"]
     text = (out / "sweep.md").read_text()
     assert "(unstable)" in text

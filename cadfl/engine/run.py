@@ -71,7 +71,8 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
                    dataset: Dataset | None = None,
                    on_round: Callable[[dict], None] | None = None,
                    execute: Executor | None = None,
-                   experiment: Experiment | None = None) -> list[dict]:
+                   experiment: Experiment | None = None,
+                   stop: Callable[[list[dict]], bool] | None = None) -> list[dict]:
     """Run every algorithm of `cfg` into run directory `out`; returns all metric lines.
 
     `execute` runs each round's payloads on the devices (default: in this process).
@@ -80,6 +81,9 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
 
     With `resume`, algorithms continue from their last checkpoint, and metric lines written
     after that checkpoint are dropped, so the result equals an uninterrupted run.
+
+    `stop(lines)`, given an algorithm's metric lines so far, ends that algorithm's run early
+    when it says so (a sweep point that is clearly lost).
     """
     set_threads()
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +116,8 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, quiet: bool = F
                    total=cfg.rounds)
         devices = execute or runtime
         for rnd in bar:
+            if stop is not None and stop([m for m in lines if m["algorithm"] == a]):
+                break  # checked before each round, so a resumed run stops where it stopped
             runtime.store.begin_round(rnd)
             devices.begin_round(a, rnd)
             state, stats = train_round(exp, strategy, rnd, state, devices)
