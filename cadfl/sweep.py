@@ -45,7 +45,7 @@ from .config import (
 )
 from .engine.run import read_metrics, run_experiment
 from .fl import ALGORITHMS
-from .report.summary import health
+from .report.summary import health, judged_accuracy
 
 LAST = 3
 LOST_DROP = 0.10  # a sweep point this far below its best stops early
@@ -171,7 +171,8 @@ def run_sweep(config: str | None, overrides: Sequence[str], grid: Sequence[tuple
         for a in base.algorithms:
             scores[a].append(score(lines, a))
             own = [m for m in lines if m["algorithm"] == a]
-            unstable[a].append("" if health(own) == "ok" else health(own))
+            flag = health(own)
+            unstable[a].append("" if flag == "ok" else flag)
         bar.update()
         if not quiet:
             done = "  ".join(f"{a} {scores[a][-1]:.3f}" for a in base.algorithms)
@@ -227,9 +228,7 @@ def clearly_lost(lines: Sequence[dict]) -> bool:
     Either marks the point unstable, so it is not chosen while a stable one exists."""
     if any(m.get("rejected") for m in lines):
         return True
-    judged = [m["global_acc"] if m["global_acc"] is not None else m["context_acc"]
-              for m in lines]
-    scored = [v for v in judged if v is not None and not math.isnan(v)]
+    scored = [v for _, v in judged_accuracy(lines)]
     return bool(scored) and max(scored) - scored[-1] > LOST_DROP
 
 

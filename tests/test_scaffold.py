@@ -23,21 +23,28 @@ from cadfl.models import build_loaded, build_model, get_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_device_steps_and_control_update_follow_option_two(digits):
+def _device_start(seed: int, scale: float):
+    """digits_cnn's initial weights x0, random control variates c and c_i of `scale`, and
+    the payload state holding all three."""
     spec = get_model("digits_cnn", 10)
     torch.manual_seed(0)
     x0 = build_model(spec).state_dict()
     names = parameter_names(spec)
-    gen = torch.Generator().manual_seed(1)
-    c = {n: torch.randn(x0[n].shape, generator=gen) * 0.01 for n in names}
-    ci = {n: torch.randn(x0[n].shape, generator=gen) * 0.01 for n in names}
+    gen = torch.Generator().manual_seed(seed)
+    c = {n: torch.randn(x0[n].shape, generator=gen) * scale for n in names}
+    ci = {n: torch.randn(x0[n].shape, generator=gen) * scale for n in names}
+    state = {**x0, **{CONTROL + n: v for n, v in c.items()},
+             **{OWN_CONTROL + n: v for n, v in ci.items()}}
+    return spec, names, x0, c, ci, state
+
+
+def test_device_steps_and_control_update_follow_option_two(digits):
+    spec, names, x0, c, ci, state = _device_start(1, 0.01)
     idx = torch.arange(120)
     data = DeviceData(digits.train_x, digits.train_y, 10, digits.mean, digits.std, index=idx)
     lr, steps = 0.05, 3
     config = TrainConfig(epochs=steps, batch_size=1000, lr=lr, momentum=0.0, weight_decay=0.0,
                          augment=False, control=True)
-    state = {**x0, **{CONTROL + n: v for n, v in c.items()},
-             **{OWN_CONTROL + n: v for n, v in ci.items()}}
     update = train_local(Payload(spec, state, config), data)
 
     # By hand: full-batch gradient steps corrected by c - c_i.
@@ -61,20 +68,12 @@ def test_device_steps_and_control_update_follow_option_two(digits):
 def test_with_momentum_and_weight_decay_the_correction_follows_the_step(digits):
     """SGD with momentum and weight decay on the gradient alone, then w -= lr (c - c_i) after
     each step (outside the momentum buffer); c_i+ = c_i - c + (x - y) / (K lr)."""
-    spec = get_model("digits_cnn", 10)
-    torch.manual_seed(0)
-    x0 = build_model(spec).state_dict()
-    names = parameter_names(spec)
-    gen = torch.Generator().manual_seed(3)
-    c = {n: torch.randn(x0[n].shape, generator=gen) * 0.05 for n in names}
-    ci = {n: torch.randn(x0[n].shape, generator=gen) * 0.05 for n in names}
+    spec, names, x0, c, ci, state = _device_start(3, 0.05)
     idx = torch.arange(90)
     data = DeviceData(digits.train_x, digits.train_y, 10, digits.mean, digits.std, index=idx)
     lr, beta, wd, steps = 0.05, 0.9, 5e-3, 4
     config = TrainConfig(epochs=steps, batch_size=1000, lr=lr, momentum=beta,
                          weight_decay=wd, augment=False, control=True)
-    state = {**x0, **{CONTROL + n: v for n, v in c.items()},
-             **{OWN_CONTROL + n: v for n, v in ci.items()}}
     update = train_local(Payload(spec, state, config), data)
 
     # By hand, in float64: buf = beta buf + (g + wd w); w -= lr buf; w -= lr (c - c_i).

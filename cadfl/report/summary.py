@@ -12,6 +12,13 @@ def _clean(values: Sequence[float | None]) -> list[float]:
     return [v for v in values if v is not None and not math.isnan(v)]
 
 
+def judged_accuracy(lines: Sequence[dict]) -> list[tuple[int, float]]:
+    """(round, accuracy) of every evaluated round of one algorithm's run: its global
+    accuracy, or its context accuracy when it has no global model."""
+    key = "global_acc" if _clean([m["global_acc"] for m in lines]) else "context_acc"
+    return [(m["round"], m[key]) for m in lines if m[key] is not None and not math.isnan(m[key])]
+
+
 def health(lines: Sequence[dict]) -> str:
     """The word "ok", or what went wrong in one algorithm's run (its metric lines) and when:
     updates rejected (from the first round with any), or a last accuracy (global, or context
@@ -20,14 +27,13 @@ def health(lines: Sequence[dict]) -> str:
     rejected = [m["round"] for m in lines if m.get("rejected")]
     if rejected:
         flags.append(f"updates rejected from round {rejected[0]}")
-    key = "global_acc" if _clean([m["global_acc"] for m in lines]) else "context_acc"
-    scored = [(m["round"], m[key]) for m in lines
-              if m[key] is not None and not math.isnan(m[key])]
+    scored = judged_accuracy(lines)
     if scored:
         best_round, best = max(scored, key=lambda rv: rv[1])
         drop = best - scored[-1][1]
         if drop > HEALTH_DROP:
-            flags.append(f"last {key.split('_')[0]} {100 * drop:.1f} points below its best "
+            which = "global" if _clean([m["global_acc"] for m in lines]) else "context"
+            flags.append(f"last {which} {100 * drop:.1f} points below its best "
                          f"(round {best_round})")
     return "; ".join(flags) or "ok"
 
