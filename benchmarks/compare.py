@@ -13,6 +13,12 @@ block between `<!-- compare:begin -->` and `<!-- compare:end -->` from the same 
     nohup .venv/bin/python benchmarks/compare.py --settings paper-flcnn --seeds 0 1 \\
         --out docs/results/compare > runs/compare.log 2>&1 &
     .venv/bin/python benchmarks/compare.py --report-only --readme --out docs/results/compare
+    .venv/bin/python benchmarks/compare.py --settings xdev-2cls --resweep scaffold fedavg
+
+`--resweep ALGO ...` sweeps only those algorithms again and runs them, writing their choices
+into the setting's committed `tuned.toml` (`resweep.md` beside `sweep.md`); the other rows
+keep their committed sweep and runs. For an algorithm fixed, or a sweep rule changed, after
+a setting ran, when sweeping every algorithm again costs hours.
 
 Every run computes at `--precision` (default auto: bf16 on a GPU or a CPU with AMX /
 AVX512-BF16, else fp32); a run made at another precision is started again, and each table
@@ -133,13 +139,17 @@ def plan(names: list[str], seeds: int, precision: str = "auto", rounds: int = 1)
     print(f"all: about {total / 3600:.1f} h")
 
 
-def run_setting(name: str, seeds: list[int], out: Path, precision: str = "auto") -> None:
-    """Sweep, then every (seed, algorithm), each resumable, all at `precision`."""
+def run_setting(name: str, seeds: list[int], out: Path, precision: str = "auto",
+                resweep: tuple[str, ...] = ()) -> None:
+    """Sweep, then every (seed, algorithm), each resumable, all at `precision`. With
+    `resweep`, only those algorithms are swept again and run (see `resweep_setting`)."""
     s = SETTINGS[name]
     at = (f'precision="{precision}"',)
     path, overrides = base_config(name, at)
     committed = out / name / "tuned.toml"
-    if s.sweep_rounds and not (RUNS / name / "sweep").exists() and committed.exists():
+    if resweep:
+        tuned = resweep_setting(name, resweep, out, at)
+    elif s.sweep_rounds and not (RUNS / name / "sweep").exists() and committed.exists():
         print(f"{name}: the sweep's committed choices {committed} (delete it to sweep again)",
               flush=True)
         tuned = load_config(str(committed), list(at))
@@ -151,7 +161,7 @@ def run_setting(name: str, seeds: list[int], out: Path, precision: str = "auto")
     else:  # tuned already: the preset carries its sweep's choices as [overrides.*]
         tuned = load_config(path, overrides)
     for seed in seeds:
-        for algo in s.algorithms:
+        for algo in resweep or s.algorithms:
             run_dir = RUNS / name / f"seed-{seed}" / algo
             cfg = _single(tuned, algo, seed)
             stale = _stale(run_dir, cfg)
@@ -165,6 +175,40 @@ def run_setting(name: str, seeds: list[int], out: Path, precision: str = "auto")
             print(f"{time.strftime('%H:%M:%S')} {name} seed {seed} {algo}", flush=True)
             _timed(run_dir, run_experiment, cfg, run_dir,
                    resume=(run_dir / "config.toml").exists(), quiet=True)
+
+
+def resweep_setting(name: str, algorithms: tuple[str, ...], out: Path,
+                    at: tuple[str, ...]) -> Config:
+    """Sweep `algorithms` of a setting again (into `RUNS/name/resweep`, resumable) and write
+    their choices into its committed `tuned.toml`; the other algorithms keep theirs, and
+    their committed runs stay in the report. For when the sweep's rule or an algorithm
+    changed after the setting ran (issue 24: SCAFFOLD and Fed2 fixed, points scored over
+    the run's rounds) and sweeping every algorithm again costs hours."""
+    s = SETTINGS[name]
+    committed = out / name / "tuned.toml"
+    if not committed.exists():
+        raise SystemExit(f"{name}: --resweep needs the setting's committed {committed}; "
+                         "sweep it whole first")
+    unknown = sorted(set(algorithms) - set(s.algorithms))
+    if unknown:
+        raise SystemExit(f"{name}: --resweep {' '.join(unknown)}: not in this setting "
+                         f"({', '.join(s.algorithms)})")
+    path, overrides = base_config(name, (*at, f"algorithms={json.dumps(list(algorithms))}"))
+    print(f"{time.strftime('%H:%M:%S')} {name}: sweep of {', '.join(algorithms)} again",
+          flush=True)
+    where = RUNS / name / "resweep"
+    found = _timed(where, run_sweep, path, overrides, [("train.lr", list(s.lrs))],
+                   s.sweep_rounds, where, quiet=False, extend=2).tuned
+    data = load_config(str(committed), list(at)).to_dict()
+    for algo in algorithms:
+        data["overrides"].pop(algo, None)
+        if algo in found.overrides:
+            data["overrides"][algo] = found.overrides[algo]
+    tuned = config_from_dict(data)
+    committed.write_text(
+        "# Written by benchmarks/compare.py: the sweep's choices (sweep.md), those of\n"
+        f"# {', '.join(algorithms)} from their sweep again (resweep.md).\n" + tuned.to_toml())
+    return tuned
 
 
 def _timed(where: Path, fn, *args, **kwargs):
@@ -186,7 +230,8 @@ def setting_wall(out: Path, name: str) -> tuple[float, float, bool]:
     file to their summary's modification time. Kept in `out/name/wall.json` for when the run
     directories are gone."""
     kept = out / name / "wall.json"
-    if not (RUNS / name).exists() and kept.exists():
+    # After a sweep again the run directories hold only its algorithms: keep the first count.
+    if kept.exists() and (not (RUNS / name).exists() or (out / name / "resweep.json").exists()):
         record = json.loads(kept.read_text())
         return record["sweep_s"], record["runs_s"], record["estimated"]
     sweep = runs = 0.0
@@ -249,17 +294,22 @@ def _mean_std(values: list[float]) -> str:
 
 
 def collect(out: Path, name: str) -> dict[str, dict[int, list[dict]]]:
-    """Metric lines per algorithm and seed of a setting's finished runs (where the run
-    directories are gone, the copies the report keeps in `out/name/metrics/`)."""
-    found: dict[str, dict[int, list[dict]]] = {}
-    summaries = sorted((RUNS / name).glob("seed-*/**/summary.md"))
-    files = ([(int(p.relative_to(RUNS / name).parts[0].split("-")[1]), p.parent / "metrics.jsonl")
-              for p in summaries] if summaries else
-             [(int(p.stem.split("-")[1]), p) for p in sorted((out / name).glob("metrics/seed-*"))])
-    for seed, path in files:
-        for m in read_metrics(path):
-            found.setdefault(m["algorithm"], {}).setdefault(seed, []).append(m)
-    return found
+    """Metric lines per algorithm and seed of a setting: of its finished runs, and for an
+    algorithm without any there (run directories gone, or not swept again), the copies the
+    report keeps in `out/name/metrics/`."""
+    def read(files: list[tuple[int, Path]]) -> dict[str, dict[int, list[dict]]]:
+        found: dict[str, dict[int, list[dict]]] = {}
+        for seed, path in files:
+            for m in read_metrics(path):
+                found.setdefault(m["algorithm"], {}).setdefault(seed, []).append(m)
+        return found
+
+    kept = read([(int(p.stem.split("-")[1]), p)
+                 for p in sorted((out / name).glob("metrics/seed-*"))])
+    fresh = read([(int(p.relative_to(RUNS / name).parts[0].split("-")[1]),
+                   p.parent / "metrics.jsonl")
+                  for p in sorted((RUNS / name).glob("seed-*/**/summary.md"))])
+    return {a: fresh.get(a) or kept[a] for a in {**kept, **fresh}}
 
 
 def _run_config(out: Path, name: str, algo: str) -> Config:
@@ -414,6 +464,22 @@ def report(out: Path, names: list[str], readme: bool) -> None:
             source = RUNS / name / "sweep" / kept
             if source.exists():
                 (out / name / kept).write_bytes(source.read_bytes())
+        again = RUNS / name / "resweep"
+        if (again / "sweep.json").exists():
+            (out / name / "resweep.md").write_text(
+                (again / "sweep.md").read_text().replace("](heatmap.png)",
+                                                         "](resweep-heatmap.png)"))
+            (out / name / "resweep-heatmap.png").write_bytes((again / "heatmap.png").read_bytes())
+            record = json.loads((again / "sweep.json").read_text())
+            (out / name / "resweep.json").write_text(json.dumps({
+                "algorithms": list(record["scores"]), "rounds": record["rounds"],
+                "sweep_s": float((again / "wall_s.txt").read_text()),
+                "runs_s": round(sum(_run_wall(p.parent)[0] for a in record["scores"]
+                                    for p in (RUNS / name).glob(f"seed-*/{a}/summary.md")), 1),
+                "precision": sorted({m.get("precision", "fp32") for a in record["scores"]
+                                     for lines in collect(out, name).get(a, {}).values()
+                                     for m in lines}),
+            }, indent=1) + "\n")
         # The metric lines behind the table (run directories are not committed).
         (out / name / "metrics").mkdir(exist_ok=True)
         for source in sorted((RUNS / name).glob("seed-*/**/metrics.jsonl")):
@@ -429,7 +495,8 @@ def report(out: Path, names: list[str], readme: bool) -> None:
                      f"{', '.join(precisions)}. Wall time on this "
                      f"2-core CPU: {f'sweep {sweep_s / 60:.0f} min, ' if sweep_s else ''}runs "
                      f"{runs_s / 60:.0f} min"
-                     f"{' (estimated from file times)' if estimated else ''}.\n\n{tab}\n\n"
+                     f"{' (estimated from file times)' if estimated else ''}."
+                     f"{_resweep_note(out, name)}\n\n{tab}\n\n"
                      f"![curves]({name}/curves.png)\n\n![pareto]({name}/pareto.png)\n")
     text = "\n".join(parts)
     (out / "results.md").write_text(text)
@@ -440,6 +507,20 @@ def report(out: Path, names: list[str], readme: bool) -> None:
             link = out.relative_to(doc.parent).as_posix()
             block = "\n".join(parts[2:]).replace("](", f"]({link}/")
             _replace_block(doc, block)
+
+
+def _resweep_note(out: Path, name: str) -> str:
+    """What a sweep again of some algorithms changed in a setting ('' if none)."""
+    record = out / name / "resweep.json"
+    if not record.exists():
+        return ""
+    r = json.loads(record.read_text())
+    return (f" {', '.join(r['algorithms'])} were swept again ([resweep.md]({name}/resweep.md): "
+            f"every point over all {r['rounds']} rounds, unstable points not chosen, the grid "
+            f"grown past a chosen edge) and run again at {', '.join(r['precision'])}: sweep "
+            f"{r['sweep_s'] / 60:.0f} min, runs "
+            f"{r['runs_s'] / 60:.0f} min; the other rows keep the first sweep "
+            f"([sweep.md]({name}/sweep.md)) and runs.")
 
 
 def side_by_side(base: Path, out: Path, name: str) -> str:
@@ -516,6 +597,9 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true", help="regenerate the README block")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="how devices compute (default auto: bf16 where it is fast)")
+    parser.add_argument("--resweep", nargs="+", default=(), choices=PEERS, metavar="ALGO",
+                        help="sweep only these algorithms again and run them (each setting "
+                             "needs its committed tuned.toml; the other rows keep theirs)")
     parser.add_argument("--side-by-side", type=Path, metavar="BASE",
                         help="also write the settings' runs against those of the report folder "
                              "BASE into docs/results.md (e.g. BASE at fp32, OUT at bf16)")
@@ -527,7 +611,7 @@ def main() -> None:
         return
     if not args.report_only:
         for name in args.settings:
-            run_setting(name, args.seeds, args.out, args.precision)
+            run_setting(name, args.seeds, args.out, args.precision, tuple(args.resweep))
             report(args.out, args.settings, args.readme)
     report(args.out, args.settings, args.readme)
     if args.side_by_side:

@@ -108,3 +108,32 @@ def test_a_run_at_another_precision_starts_again(tiny, capsys):
 def test_a_setting_is_swept_over_the_rounds_its_runs_go(name):
     path, overrides = compare.base_config(name)
     assert compare.SETTINGS[name].sweep_rounds == load_config(path, overrides).rounds
+
+
+def test_a_sweep_again_of_one_algorithm_replaces_only_its_choice_and_its_runs(tiny, capsys):
+    committed = tiny / "out" / "tiny" / "tuned.toml"
+    compare.report(tiny / "out", ["tiny"], readme=False)
+    cad_before = {s: lines_of(tiny, s, "cad", wall=False) for s in (0, 1)}
+    # The committed choice of FedAvg made wrong on purpose: the sweep again must replace it.
+    first = load_config(str(committed))
+    wrong = next(lr for lr in TINY.lrs if lr != first.for_algorithm("fedavg").train.lr)
+    text = committed.read_text()
+    head, tail = text.split("[overrides.fedavg", 1)
+    committed.write_text(head + "[overrides.fedavg" + tail.replace(
+        f"lr = {first.for_algorithm('fedavg').train.lr}", f"lr = {wrong}", 1))
+    capsys.readouterr()
+    compare.run_setting("tiny", [0, 1], tiny / "out", resweep=("fedavg",))
+    printed = capsys.readouterr().out
+    again = json.loads((tiny / "runs" / "tiny" / "resweep" / "sweep.json").read_text())
+    assert list(again["scores"]) == ["fedavg"]
+    chosen = again["points"][again["best"]["fedavg"]][0]
+    tuned = load_config(str(committed))
+    assert tuned.for_algorithm("fedavg").train.lr == chosen
+    assert tuned.for_algorithm("cad").train.lr == first.for_algorithm("cad").train.lr
+    assert "seed 0 cad" not in printed and "seed 1 cad" not in printed
+    assert {s: lines_of(tiny, s, "cad", wall=False) for s in (0, 1)} == cad_before
+    compare.report(tiny / "out", ["tiny"], readme=False)
+    text = (tiny / "out" / "results.md").read_text()
+    assert "fedavg were swept again" in text and (tiny / "out" / "tiny" / "resweep.md").exists()
+    _, rows = compare.table(tiny / "out", "tiny")
+    assert {r["algorithm"]: r["lr"] for r in rows}["fedavg"] == chosen
