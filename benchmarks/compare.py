@@ -155,7 +155,7 @@ def run_setting(name: str, seeds: list[int], out: Path, precision: str = "auto",
         tuned = load_config(str(committed), list(at))
     elif s.sweep_rounds:
         print(f"{time.strftime('%H:%M:%S')} {name}: sweep", flush=True)
-        tuned = _timed(RUNS / name / "sweep", run_sweep, path, overrides,
+        tuned = timed(RUNS / name / "sweep", run_sweep, path, overrides,
                        [("train.lr", list(s.lrs))], s.sweep_rounds, RUNS / name / "sweep",
                        quiet=False, extend=2).tuned
     else:  # tuned already: the preset carries its sweep's choices as [overrides.*]
@@ -173,7 +173,7 @@ def run_setting(name: str, seeds: list[int], out: Path, precision: str = "auto",
             if len(done) >= cfg.rounds and (run_dir / "summary.md").exists():
                 continue
             print(f"{time.strftime('%H:%M:%S')} {name} seed {seed} {algo}", flush=True)
-            _timed(run_dir, run_experiment, cfg, run_dir,
+            timed(run_dir, run_experiment, cfg, run_dir,
                    resume=(run_dir / "config.toml").exists(), quiet=True)
 
 
@@ -197,7 +197,7 @@ def resweep_setting(name: str, algorithms: tuple[str, ...], out: Path,
     print(f"{time.strftime('%H:%M:%S')} {name}: sweep of {', '.join(algorithms)} again",
           flush=True)
     where = RUNS / name / "resweep"
-    found = _timed(where, run_sweep, path, overrides, [("train.lr", list(s.lrs))],
+    found = timed(where, run_sweep, path, overrides, [("train.lr", list(s.lrs))],
                    s.sweep_rounds, where, quiet=False, extend=2).tuned
     data = load_config(str(committed), list(at)).to_dict()
     for algo in algorithms:
@@ -211,7 +211,7 @@ def resweep_setting(name: str, algorithms: tuple[str, ...], out: Path,
     return tuned
 
 
-def _timed(where: Path, fn, *args, **kwargs):
+def timed(where: Path, fn, *args, **kwargs):
     """Call fn, adding the wall-clock seconds it took to `where/wall_s.txt` (a resumed run
     adds to what its earlier sessions spent)."""
     start = time.perf_counter()

@@ -30,7 +30,7 @@ from cadfl.fl.strategy import device_seed
 
 KEYS = ["round", "algorithm", "global_acc", "context_acc", "eval_devices", "test_loss",
         "train_loss", "bytes_down", "bytes_up", "device_train_flops", "wall_s", "rejected",
-        "class_acc", "others_reject", "others_in_acc", "precision"]
+        "class_acc", "others_reject", "others_in_acc", "context_open_acc", "precision"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -324,3 +324,20 @@ def test_embedded_default_run_via_cli(tmp_path):
     # measured and reported in docs/results.md (the two are within about 2 points).
     for algo in defaults.algorithms:
         assert max(m["context_acc"] for m in lines if m["algorithm"] == algo) > 0.8, algo
+
+
+def test_open_context_accuracy_takes_the_argmax_over_every_output_on_own_class_images():
+    from cadfl.device.score import context_scores
+    from cadfl.models import get_model
+
+    spec = get_model("digits_cnn", num_classes=4)  # outputs for classes 0..3
+    # Device classes (1, 2). Rows: own-class images 1, 2, 2, 1 and one image of class 3.
+    logits = torch.tensor([[0.0, 5.0, 1.0, 0.0],   # 1 -> 1: right both ways
+                           [9.0, 0.0, 2.0, 0.0],   # 2 -> 0 open (wrong), 2 restricted (right)
+                           [0.0, 1.0, 3.0, 0.0],   # 2 -> 2: right both ways
+                           [0.0, 1.0, 2.0, 7.0],   # 1 -> 3 open (wrong), 2 restricted (wrong)
+                           [0.0, 0.0, 0.0, 9.0]])  # class 3: not the device's, not scored
+    y = torch.tensor([1, 2, 2, 1, 3])
+    acc, reject, inside, opened = context_scores(logits, y, spec, (1, 2), other=None)
+    assert (acc, opened) == (0.75, 0.5)
+    assert math.isnan(reject) and math.isnan(inside)

@@ -125,7 +125,10 @@ def test_reported_names_map_to_the_runs_class_ids_and_new_names_are_appended(dig
 
 
 def test_count_scores():
-    assert count_scores({"correct": 3, "total": 4, "correct_with_others": -1})[0] == 0.75
-    acc, reject, inside = count_scores({"correct": 3, "total": 4, "correct_with_others": 2})
-    assert (acc, inside) == (0.75, 0.5) and np.isnan(reject)
-    assert all(np.isnan(count_scores({"correct": 0, "total": 0, "correct_with_others": 0})))
+    assert count_scores({"correct": 3, "total": 4, "correct_with_others": -1,
+                         "correct_open": 1})[0] == 0.75
+    acc, reject, inside, opened = count_scores({"correct": 3, "total": 4,
+                                                "correct_with_others": 2, "correct_open": 1})
+    assert (acc, inside, opened) == (0.75, 0.5, 0.25) and np.isnan(reject)
+    assert all(np.isnan(count_scores({"correct": 0, "total": 0, "correct_with_others": 0,
+                                      "correct_open": 0})))

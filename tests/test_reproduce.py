@@ -39,3 +39,34 @@ def test_reproduce_script_writes_results_and_resumes_without_redoing(tmp_path):
 def test_reproduce_script_runs_the_cifar10_preset(tmp_path):
     _run("alexnet", tmp_path)
     _check("alexnet", tmp_path)
+
+
+def test_published_reproduction_reports_the_final_rounds_open_accuracy_of_each_run(
+        tmp_path, monkeypatch, capsys):
+    import json
+
+    import reproduce
+
+    tiny = reproduce.Setting(
+        paper="a test", column="digits (5, 2)", preset="digits-demo.toml",
+        common=("devices=5", "partition.k=2", "rounds=4", "eval_every=1", "overrides={}"),
+        algorithms={"fedavg": reproduce.Algorithm(("train.epochs=1",), "here"),
+                    "fedper": reproduce.Algorithm(("train.epochs=2",), "there")},
+        setup="digits", published={"fedavg": 12.5}, last_rounds=2)
+    monkeypatch.setitem(reproduce.SETTINGS, "tiny", tiny)
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(reproduce, "OUT", tmp_path / "docs" / "reproductions")
+    reproduce.main(["--settings", "tiny", "--algorithms", "fedavg", "fedper"])
+    text = (tmp_path / "docs" / "reproductions.md").read_text()
+    for algo in ("fedavg", "fedper"):
+        lines = [json.loads(x) for x in (tmp_path / "runs" / "tiny" / "seed-0" / algo /
+                                         "metrics.jsonl").read_text().splitlines()]
+        final = [m["context_open_acc"] for m in lines if m["round"] in (3, 4)]
+        assert len(final) == 2
+        assert f"| {algo} | {100 * sum(final) / 2:.2f} ± 0.00 |" in text
+    assert "| 12.50 |" in text and "there |" in text
+    capsys.readouterr()
+    reproduce.main(["--settings", "tiny"])  # finished runs are not run again
+    assert " seed 0 " not in capsys.readouterr().out
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "gone")  # a clean checkout
+    assert reproduce.report(["tiny"]).split("![curves]")[0] == text.split("![curves]")[0]

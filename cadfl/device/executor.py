@@ -25,7 +25,8 @@ from .train import DeviceData, run_task
 Job = tuple[int, Payload]
 Result = tuple[int, Payload, Update | None]
 RunJobs = Callable[[Iterable[Job]], Iterator[Result]]
-Scores = tuple[float, float, float]  # context_acc, others_reject, others_in_acc
+Scores = tuple[float, float, float, float]  # context_acc, others_reject, others_in_acc,
+# context_open_acc
 
 
 class Executor(ABC):

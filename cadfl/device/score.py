@@ -79,17 +79,24 @@ def global_scores(logits: torch.Tensor, y: torch.Tensor, spec: ModelSpec, other:
 
 
 def context_scores(logits: torch.Tensor, y: torch.Tensor, spec: ModelSpec,
-                   classes: tuple[int, ...], other: int | None) -> tuple[float, float, float]:
+                   classes: tuple[int, ...], other: int | None
+                   ) -> tuple[float, float, float, float]:
     """A device's (context accuracy, Others rejection rate, in-context accuracy with Others
-    competing) from its model's logits on labels `y`; the last two are nan without Others."""
+    competing, open context accuracy) from its model's logits on labels `y`; the middle two
+    are nan without Others. The open one takes the argmax over all the model's outputs
+    (Others among them, counting as wrong) on the images of the device's classes, as
+    personalised-FL papers score a client (FedRep, Collins et al. 2021, models/test.py)."""
     acc = accuracy(logits, y, spec, classes)
+    own = torch.isin(y, torch.tensor(classes))
+    opened = (torch.tensor(spec.class_ids)[logits[own].argmax(1)] == y[own]).float().mean().item() \
+        if own.any() else math.nan
     if other not in spec.class_ids:
-        return acc, math.nan, math.nan
+        return acc, math.nan, math.nan, opened
     pred = restricted_predictions(logits, spec.class_ids, (*classes, other))
     inside = torch.isin(y, torch.tensor(classes))
     reject = (pred[~inside] == other).float().mean().item() if (~inside).any() else math.nan
     in_acc = (pred[inside] == y[inside]).float().mean().item() if inside.any() else math.nan
-    return acc, reject, in_acc
+    return acc, reject, in_acc, opened
 
 
 def shared_layers(spec: ModelSpec, states: Sequence[State]) -> int:

@@ -23,7 +23,7 @@ from .experiment import Experiment
 # Scores devices' own models where they are (`Executor.score`).
 DeviceScorer = Callable[[Iterable[Job]], Iterator[tuple[int, Scores]]]
 EVAL_KEYS = ("global_acc", "context_acc", "eval_devices", "test_loss", "class_acc",
-             "others_reject", "others_in_acc")
+             "others_reject", "others_in_acc", "context_open_acc")
 
 
 def evaluation_devices(exp: Experiment, rnd: int) -> list[int]:
@@ -47,9 +47,10 @@ def evaluate(exp: Experiment, strategy: Strategy, rnd: int, state: State,
     devices: context_acc, each device's accuracy within its own classes (`eval_devices`:
     how many were scored); with an Others output, others_reject (share of out-of-context
     test images a device answers "Others") and others_in_acc (accuracy on its own classes
-    with "Others" among the answers). When every device's model is the global one
-    restricted to its classes, one pass of the global model scores all devices;
-    otherwise each sampled device's own model (with what it keeps) is run: here, or by
+    with "Others" among the answers); context_open_acc, each device's accuracy on its own
+    classes' images with the argmax over all its model's outputs. When every device's
+    model is the global one restricted to its classes, one pass of the global model scores
+    all devices; otherwise each sampled device's own model (with what it keeps) is run: here, or by
     `score` where the devices keep their state themselves (Flower nodes); a device that
     does not answer `score` is left out of the mean.
     """
@@ -84,8 +85,9 @@ def evaluate(exp: Experiment, strategy: Strategy, rnd: int, state: State,
     out["eval_devices"] = len(scores)
     if not scores:  # no device answered
         return out
-    acc, reject, inside = zip(*scores, strict=True)
+    acc, reject, inside, opened = zip(*scores, strict=True)
     out["context_acc"] = float(np.nanmean(acc))
+    out["context_open_acc"] = float(np.nanmean(opened))
     if not all(math.isnan(r) for r in reject):
         out["others_reject"] = float(np.nanmean(reject))
         out["others_in_acc"] = float(np.nanmean(inside))

@@ -30,7 +30,8 @@ from .rounds import train_round
 log = logging.getLogger("cadfl")
 METRIC_KEYS = ("round", "algorithm", "global_acc", "context_acc", "eval_devices", "test_loss",
                "train_loss", "bytes_down", "bytes_up", "device_train_flops", "wall_s",
-               "rejected", "class_acc", "others_reject", "others_in_acc", "precision")
+               "rejected", "class_acc", "others_reject", "others_in_acc", "context_open_acc",
+               "precision")
 
 
 

@@ -37,6 +37,8 @@ IDENTITY = "identity"
 EXPERIMENT = "experiment"
 CLASSES, COUNTS = "classes", "counts"  # a node's own classes and its images of each
 SCORES = "scores"
+# The names of a device's `Scores` in its evaluate reply, in order.
+SCORE_KEYS = ("context_acc", "others_reject", "others_in_acc", "context_open_acc")
 RUN = "cadfl-run"  # the node's Context.state record of the run's config and data
 
 app = ClientApp()
@@ -161,6 +163,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         record = MetricRecord(own.score(payload.spec, state, run, payload.config.precision))
     else:
         scores = score_device(exp, device, payload.spec, state)
-        record = MetricRecord(dict(zip(("context_acc", "others_reject", "others_in_acc"),
-                                       map(float, scores), strict=True)))
+        record = MetricRecord(dict(zip(SCORE_KEYS, map(float, scores), strict=True)))
     return Message(RecordDict({SCORES: record}), reply_to=msg)

@@ -95,16 +95,16 @@ def with_reports(ds: Dataset, reports: dict[int, dict[str, int]]) -> Dataset:
     return replace(ds, train_x=x, train_y=y, owners=torch.cat([ds.owners, owners]))
 
 
-def count_scores(counts: dict[str, int]) -> tuple[float, float, float]:
+def count_scores(counts: dict[str, int]) -> tuple[float, float, float, float]:
     """A node's score counts as the engine's `context_scores` (context accuracy, Others
-    rejection, in-context accuracy with Others): the node has no images of other classes,
-    so rejection is nan; nan as well where it holds no held-out image or the model has no
-    Others."""
+    rejection, in-context accuracy with Others, open context accuracy): the node has no
+    images of other classes, so rejection is nan; nan as well where it holds no held-out
+    image or the model has no Others."""
     total = counts["total"]
     acc = counts["correct"] / total if total else math.nan
     with_others = counts["correct_with_others"]
     inside = with_others / total if total and with_others >= 0 else math.nan
-    return acc, math.nan, inside
+    return acc, math.nan, inside, counts["correct_open"] / total if total else math.nan
 
 
 class NodeData:
@@ -135,7 +135,8 @@ class NodeData:
         """Counts of the device's model, run at `precision`, on the held-out images of its
         classes: `correct`
         (argmax over its classes), `correct_with_others` (Others among the answers; -1
-        when the model has no Others output) and `total`."""
+        when the model has no Others output), `correct_open` (argmax over all the model's
+        outputs) and `total`."""
         ids = self._ids(run)
         classes = tuple(sorted(ids[self.folder.train_y].unique().tolist()))
         y = ids[self.folder.test_y]
@@ -148,6 +149,7 @@ class NodeData:
         def correct(answers: tuple[int, ...]) -> int:
             return int((restricted_predictions(logits, spec.class_ids, answers) == y).sum())
 
-        return {"correct": correct(classes), "total": len(y),
+        opened = int((torch.tensor(spec.class_ids)[logits.argmax(1)] == y).sum()) if len(y) else 0
+        return {"correct": correct(classes), "total": len(y), "correct_open": opened,
                 "correct_with_others": correct((*classes, other))
                 if other in spec.class_ids else -1}

@@ -36,7 +36,7 @@ from ..engine.experiment import Experiment
 from ..engine.run import run_experiment
 from ..fl.central import POOLED
 from ..fl.payload import Payload, Update
-from .client_app import CLASSES, COUNTS, EXPERIMENT, IDENTITY, PARTITION_ID, SCORES
+from .client_app import CLASSES, COUNTS, EXPERIMENT, IDENTITY, PARTITION_ID, SCORE_KEYS, SCORES
 from .codec import decode_update, encode_payload
 from .own_data import RunData, count_scores, server_dataset, with_reports
 
@@ -310,8 +310,7 @@ class FlowerExecutor(Executor):
                 if self.own_data:  # counts on the node's own held-out images
                     yield d, count_scores({k: int(v) for k, v in m.items()})
                 else:
-                    yield d, (float(m["context_acc"]), float(m["others_reject"]),
-                              float(m["others_in_acc"]))
+                    yield d, tuple(float(m[k]) for k in SCORE_KEYS)
 
 
 def run_on_grid(grid: Grid, cfg: Config, out: Path, wait: float = 60.0,
