@@ -118,3 +118,93 @@ def test_personal_state_survives_resume(tmp_path, digits, algorithm):
                 for s in (out / "metrics.jsonl").read_text().splitlines()]
 
     assert lines(tmp_path / "run") == lines(tmp_path / "ref")
+
+
+def _cad_payload(digits, personal: int, **train):
+    """A CAD sub-model payload (depth 1, classes 0-4) and that device's data."""
+    from cadfl.fl.cad import CAD
+    from cadfl.fl.payload import DeviceInfo
+
+    spec = get_model("digits_cnn", 10)
+    torch.manual_seed(0)
+    dense = build_model(spec).state_dict()
+    config = TrainConfig(**{"batch_size": 50, "lr": 0.05, "augment": False, **train})
+    cad = CAD(spec, config, [DeviceInfo(0, (40,) * 5 + (0,) * 5)], personal=personal,
+              personal_epochs=1)
+    payload = dict(cad.configure_train(1, cad.initial_state(dense), [0]))[0]
+    idx = torch.nonzero(digits.train_y < 5).flatten()[:200]
+    return payload, DeviceData(digits.train_x, digits.train_y, 10, digits.mean, digits.std,
+                               index=idx)
+
+
+def test_cad_personal_copy_is_sgd_on_frozen_features_and_leaves_the_shared_training_alone(
+        digits):
+    import torch.nn.functional as F
+
+    from cadfl.data.augment import to_float
+    from cadfl.device.model import load_model
+    from cadfl.models.flops import flops_per_layer
+
+    # One full-batch step, no momentum or weight decay: the copy can be computed by hand.
+    payload, data = _cad_payload(digits, 1, batch_size=200, lr=0.5, momentum=0.0,
+                                 weight_decay=0.0)
+    plain, _ = _cad_payload(digits, 0, batch_size=200, lr=0.5, momentum=0.0, weight_decay=0.0)
+    spec, state = payload.spec, payload.state
+    update = train_local(payload, data)
+    without = train_local(plain, data)
+    shared = {k: v for k, v in update.state.items() if not k.startswith(PERSONAL)}
+    assert shared.keys() == without.state.keys()
+    assert all(torch.equal(shared[k], without.state[k]) for k in shared)
+    # By hand in float64: features of the received model's layers before the logits, then
+    # W - lr * (softmax(z) - onehot)^T f / n on the device's own classes' logits, where
+    # class c's logit reads its own path's features only (CAD's block-diagonal logits).
+    first = spec.names.index("fc1")
+    x = to_float(digits.train_x[data.index], digits.mean, digits.std)
+    with torch.no_grad():
+        f = load_model(spec, state).eval()[:first](x).double()
+    w, b = state["fc1.weight"].double(), state["fc1.bias"].double()
+    k, width = w.shape
+    paths = f.reshape(len(f), k, width)  # (n, class, its path's features)
+    y = torch.tensor([spec.class_ids.index(int(c)) for c in digits.train_y[data.index]])
+    g = F.softmax(torch.einsum("nkw,kw->nk", paths, w) + b, 1) - F.one_hot(y, k).double()
+    assert torch.allclose(update.state[PERSONAL + "fc1.weight"].double(),
+                          w - 0.5 * torch.einsum("nk,nkw->kw", g, paths) / len(y), atol=1e-5)
+    assert torch.allclose(update.state[PERSONAL + "fc1.bias"].double(),
+                          b - 0.5 * g.mean(0), atol=1e-5)
+    # Its FLOPs: one forward of the layers before the logits, and a step of the logit
+    # layer that needs no gradient of its input (forward + weight gradient: 2x forward).
+    per_layer = flops_per_layer(build_model(spec), spec.input_shape)
+    extra = len(y) * (sum(per_layer[n] for n in spec.names[:first]) + 2 * per_layer["fc1"])
+    assert update.metrics["train_flops"] - without.metrics["train_flops"] == extra
+
+
+def test_cad_personal_rows_are_kept_per_class_never_sent_and_predicted_with(digits):
+    from cadfl.device.executor import Runtime
+
+    payload, data = _cad_payload(digits, 1)
+    runtime = Runtime(lambda d: data, DeviceStore())
+    update = runtime.run(0, payload)
+    assert not any(k.startswith(PERSONAL) for k in update.state)
+    kept = runtime.store.get(0)
+    assert sorted(kept) == sorted(f"{PERSONAL}fc1.{p}@{c}" for p in ("weight", "bias")
+                                  for c in range(5))
+    own = runtime.own_state(0, payload)
+    assert not torch.equal(own["fc1.weight"], payload.state["fc1.weight"])  # fitted
+    for c in range(5):
+        assert torch.equal(own["fc1.weight"][c:c + 1], kept[f"{PERSONAL}fc1.weight@{c}"])
+    assert torch.equal(own["conv1.weight"], payload.state["conv1.weight"])
+
+
+def test_cad_with_personal_paths_is_plain_cad_to_the_cloud_and_scores_each_device_own(
+        tmp_path, digits):
+    def lines(*extra):
+        cfg = small('algorithms=["cad"]', *extra)
+        out = tmp_path / "-".join(extra or ("plain",))
+        run_experiment(cfg, out, quiet=True, dataset=digits)
+        return [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+
+    plain, personal = lines(), lines("cad.personal=1")
+    for a, b in zip(plain, personal, strict=True):
+        assert (a["global_acc"], a["bytes_up"], a["bytes_down"]) == \
+            (b["global_acc"], b["bytes_up"], b["bytes_down"])
+    assert [m["context_acc"] for m in plain] != [m["context_acc"] for m in personal]

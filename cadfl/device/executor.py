@@ -85,10 +85,11 @@ class Runtime(Executor):
                                                 self.store.get(device)))
 
     def own_state(self, device: int, payload: Payload) -> State:
-        """The weights of the model the device predicts with: its personal model where it
-        keeps one (Ditto), else the payload's model with the device's kept tensors in place."""
+        """The weights of the model the device predicts with: the payload's model with the
+        device's kept tensors in place, and its personal copies in place of theirs (all of
+        them: Ditto's personal model; some layers: CAD's personal paths)."""
         state = self.prepare(device, payload).state
-        return model_part(state, PERSONAL) or model_part(state)
+        return {**model_part(state), **model_part(state, PERSONAL)}
 
     def finish(self, device: int, payload: Payload, update: Update) -> Update:
         """Store what the device keeps; return the update without its private tensors."""

@@ -5,7 +5,8 @@ of `local`, personal layers). They are stored per layer and class path, never ma
 shape: a tensor of a layer with class paths (channel groups, or the logits) is stored as one
 entry per class, `"bn5.running_mean@3"` for class 3's rows; any other tensor as itself. A
 device whose context changes from class 1 to class 2 therefore gets its own statistics for the
-trunk and for the classes it had, and the cloud's for class 2.
+trunk and for the classes it had, and the cloud's for class 2. A device's own copy of a
+layer (`personal/` tensors) is stored per class path the same way.
 
 The store lives in memory up to a budget and spills the devices stored longest ago to
 safetensors files past it; `flush` writes every changed device, which makes the directory a
@@ -24,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..fl.payload import State, matches
+from ..fl.payload import PERSONAL, State, matches
 from ..models import ModelSpec
 
 Entries = dict[str, torch.Tensor]
@@ -32,8 +33,9 @@ Entries = dict[str, torch.Tensor]
 
 def path_rows(spec: ModelSpec, key: str, tensor: torch.Tensor) -> list[tuple[int, slice]] | None:
     """(class id, rows) of every class path in `tensor` (state key `key` of `spec`'s model),
-    or None if the tensor belongs to no path (a trunk tensor, or a scalar)."""
-    name = key.split(".", 1)[0]
+    or None if the tensor belongs to no path (a trunk tensor, or a scalar). A device's own
+    copy of a tensor (`personal/KEY`) has KEY's paths."""
+    name = key.removeprefix(PERSONAL).split(".", 1)[0]
     if name not in spec.names or tensor.dim() == 0:
         return None
     layer = spec.layer(name)
@@ -89,9 +91,19 @@ def with_kept(spec: ModelSpec, state: State, keep: tuple[str, ...], entries: Ent
                 merged[r] = _checked(v, merged[r], key)
             out[key] = merged
     # What the device keeps that the cloud never sends (its personal model, its control
-    # variate) joins the payload as it is.
+    # variate) joins the payload as it is; its own copy of a layer with class paths, from
+    # the cloud's tensor with the rows of the classes it has a copy of in place.
     out.update({k: v for k, v in entries.items()
                 if k not in state and "@" not in k and matches(k, keep)})
+    for copy in {k.split("@", 1)[0] for k in entries if "@" in k} - set(state):
+        shared = copy.removeprefix(PERSONAL)
+        if copy == shared or shared not in state or not matches(copy, keep):
+            continue
+        merged = state[shared].clone()
+        for cls, r in path_rows(spec, shared, merged) or ():
+            if f"{copy}@{cls}" in entries:
+                merged[r] = _checked(entries[f"{copy}@{cls}"], merged[r], copy)
+        out[copy] = merged
     return out
 
 

@@ -29,15 +29,18 @@ from ..fl.payload import (
     model_part,
 )
 from ..models import ModelSpec
-from ..models.flops import train_flops_per_sample
+from ..models.flops import personal_fit_flops, train_flops_per_sample
 from .model import load_model
 from .objective import objective_of
 from .precision import autocast
-from .score import label_map
+from .score import EVAL_BATCH, label_map
 
 # Ditto's personal model is pulled towards the received model by FedProx's proximal term: the
 # local objective `cadfl.fl.fedprox` registers under this name.
 PERSONAL_OBJECTIVE = "prox"
+
+# Mixed into a device's seed for the batch order of its personal copy's fit.
+PERSONAL_SEED = 0x5EED_CAD
 
 # A local objective's penalty with its arguments bound: (params, anchor) -> scalar tensor.
 BoundPenalty = Callable[[dict[str, nn.Parameter], State], torch.Tensor]
@@ -119,6 +122,10 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
         control = _control_terms(payload.state, dev) if cfg.control else None
         penalty = (partial(objective_of(cfg.objective).penalty, **dict(cfg.objective_args))
                    if cfg.objective else None)
+        fitted = 0.0
+        if cfg.personal_epochs:  # CAD's personal paths: the device's copy, on frozen features
+            personal, fitted = _fit_personal(payload, data, loop, received)
+            out.update({PERSONAL + k: v for k, v in personal.items()})
         start_steps = loop.steps_done
         if cfg.head_epochs:  # FedRep: the head alone, then the body alone
             head = {n: p for n, p in loop.named(model).items() if matches(n, cfg.head)}
@@ -148,7 +155,51 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
         state={**state, **out}, num_samples=len(y),
         class_counts=torch.bincount(global_y, minlength=data.num_classes).tolist(),
         metrics={"train_loss": loop.mean_loss(),
-                 "train_flops": float(train_flops_per_sample(spec) * loop.seen)})
+                 "train_flops": float(train_flops_per_sample(spec) * loop.seen) + fitted})
+
+
+def _fit_personal(payload: Payload, data: DeviceData, loop: _LocalSGD, received: State
+                  ) -> tuple[State, float]:
+    """The device's copy of its `personal_head` layers (the received ones the first time)
+    fitted for `personal_epochs` epochs of SGD on the features that the received model's
+    earlier layers give its images, and the FLOPs that took. The features are computed once,
+    without augmentation, so an epoch costs only the copy's own layers. Its batch order has
+    a generator of its own: the training after it is the same as without it."""
+    cfg, spec, dev = payload.config, payload.spec, data.compute
+    kept = model_part(payload.state, PERSONAL)
+    mine = {k: kept.get(k, v) for k, v in received.items() if matches(k, cfg.personal_head)}
+    first = min(spec.names.index(k.split(".", 1)[0]) for k in mine)
+    model = load_model(spec, {**received, **mine}, dev)
+    trunk, head = model[:first].eval(), model[first:].train()
+    n = len(loop.y)
+    with torch.no_grad(), autocast(cfg.precision, dev):
+        features = torch.cat([
+            trunk(to_float(data.images[loop.rows[s:s + EVAL_BATCH]], data.mean, data.std)
+                  .contiguous(memory_format=torch.channels_last)).float()
+            for s in range(0, n, EVAL_BATCH)])
+    for p in head.parameters():
+        p.requires_grad_(False)
+    params = [p for name, p in head.named_parameters() if name in mine]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, foreach=True)
+    gen = torch.Generator(dev).manual_seed(cfg.seed ^ PERSONAL_SEED)
+    for _ in range(cfg.personal_epochs):
+        order = torch.randperm(n, generator=gen, device=dev)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            with autocast(cfg.precision, dev):
+                logits = head(features[idx])
+                if loop.mask is not None:
+                    logits = logits + loop.mask
+                loss = F.cross_entropy(logits.float(), loop.y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    trunk_forward, head_step = personal_fit_flops(spec, first)
+    fitted = {k: v for k, v in _cpu_state(head).items() if k in mine}
+    return fitted, float(n * (trunk_forward + cfg.personal_epochs * head_step))
 
 
 def _cpu_state(model: nn.Module) -> State:

@@ -15,12 +15,20 @@ With `others` (a class id), the model has one more path and logit, "Others", tha
 device holds: it is trained on the device's out-of-context images (labelled with that id) and,
 like the trunk, averaged over every device that has such images. It needs no data of other
 devices. A class registered later (`add_classes`, New Class) gets a path of its own.
+
+With `personal` = N > 0 (personal paths), a device also keeps its own copy of the last N
+conv/linear layers of its sub-model (N = 1: its classes' logit rows), per class path, and
+never sends it: at the start of each of its rounds it fits the copy for `personal_epochs`
+epochs on the features the received sub-model's earlier layers give its images (one
+forward pass, no augmentation; FedRep's head-first step at a fraction of its cost), then
+trains the received sub-model as plain CAD does. It predicts with its copy; the cloud's
+model, its aggregation and the bytes sent are plain CAD's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -43,7 +51,8 @@ from ..checks import check_one_of, check_range
 from ..models import ModelSpec, SpecError, build_model, with_classes
 from .aggregate import MEAN, Contribution, Robustness
 from .fedavg import FedAvg
-from .payload import DeviceInfo, Payload, State, TrainConfig, Update
+from .fedper import head_patterns
+from .payload import PERSONAL, DeviceInfo, Payload, State, TrainConfig, Update
 from .registry import register
 from .strategy import Payloads, Setting, Strategy
 
@@ -61,6 +70,8 @@ class CADOptions:
     others: bool = False  # an "Others" path and logit: "none of my classes"
     selectivity_threshold: float = 0.3  # depth "auto": decouple from the first conv layer
     # whose class selectivity reaches this
+    personal: int = 0  # personal paths: the last N conv/linear layers' own copy per device
+    personal_epochs: int = 5  # epochs fitting that copy on frozen features, each round
 
     def check(self, cfg: Any) -> None:
         """ValueError naming the field if a value is out of range (`cfg.rounds` bounds the
@@ -75,6 +86,8 @@ class CADOptions:
         check_range("cad.selectivity_threshold", self.selectivity_threshold, 0, 1)
         check_one_of("cad.assign", self.assign, ASSIGN_MODES)
         check_range("cad.warmup_rounds", self.warmup_rounds, 0)
+        check_range("cad.personal", self.personal, 0)
+        check_range("cad.personal_epochs", self.personal_epochs, 1)
         if self.assign == "activation" and not (self.warmup_rounds or self.checkpoint):
             raise ValueError("cad.assign='activation' needs a trained model: set "
                              "cad.warmup_rounds >= 1 or cad.checkpoint to a dense .safetensors")
@@ -126,7 +139,8 @@ class CAD(Strategy):
                    robust=setting.robust, depth=o.depth, assign=o.assign,
                    warmup_rounds=o.warmup_rounds, pretrained=pretrained,
                    selectivity_threshold=o.selectivity_threshold,
-                   others=setting.other if o.others else None)
+                   others=setting.other if o.others else None, personal=o.personal,
+                   personal_epochs=o.personal_epochs)
 
     @staticmethod
     def answers_others(options: CADOptions | None) -> bool:
@@ -137,7 +151,8 @@ class CAD(Strategy):
                  bn: str = "average", robust: Robustness = MEAN,
                  depth: int | str = 1, assign: str = "prior",
                  warmup_rounds: int = 0, pretrained: State | None = None,
-                 selectivity_threshold: float = 0.3, others: int | None = None) -> None:
+                 selectivity_threshold: float = 0.3, others: int | None = None,
+                 personal: int = 0, personal_epochs: int = 5) -> None:
         self.others, self.plain_spec = others, spec
         if others is not None:
             spec = with_classes(spec, (others,))
@@ -145,6 +160,7 @@ class CAD(Strategy):
         self.dense_spec, self.assign = spec, assign
         self.warmup_rounds, self.pretrained = warmup_rounds, pretrained
         self.threshold = selectivity_threshold
+        self.personal = (head_patterns(spec, personal) if personal else (), personal_epochs)
         self.dense = FedAvg(spec, train, devices, bn=bn, robust=robust)
         self.decoupling: Decoupling | None = None
         if depth != "auto":
@@ -274,6 +290,21 @@ class CAD(Strategy):
         dense = permute_dense(dec, self.global_model(state)[1], perms)
         self._enter_decoupled()
         return {**to_decoupled(dec, dense), **spare_pool(dec, dense)}
+
+    def device_model_is_global(self) -> bool:
+        """Not with personal paths: each device predicts with its own copy."""
+        return super().device_model_is_global() and not self.personal[0]
+
+    def payload(self, rnd: int, device: int, spec: ModelSpec, weights: State) -> Payload:
+        """With personal paths: the device fits, keeps and never sends its own copy."""
+        base = super().payload(rnd, device, spec, weights)
+        head, epochs = self.personal
+        if not head:
+            return base
+        mine = tuple(PERSONAL + p for p in head)
+        return replace(base, config=replace(base.config, personal_head=head,
+                                            personal_epochs=epochs),
+                       keep=(*base.keep, *mine), private=mine)
 
     def configure_train(self, rnd: int, state: State, device_ids: Sequence[int]) -> Payloads:
         """Each participant gets the sub-model of its classes (the dense model in warm-up)."""

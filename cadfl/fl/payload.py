@@ -41,6 +41,12 @@ class TrainConfig:
       own (`own_control/`).
     - `mask_absent`: cross-entropy over the logits of the classes the device holds only
       (HeteroFL's label split).
+    - `personal_head` (glob patterns of parameter names) with `personal_epochs` > 0: before
+      its training, the device fits its own copy of those layers (`personal/` tensors, the
+      received ones the first time) for `personal_epochs` epochs on the features that the
+      received model's earlier layers give its images, computed once without augmentation;
+      the training after it is unchanged, and the device predicts with its copy (CAD's
+      personal paths).
 
     `precision` ("fp32" or "bf16", `cadfl.device.precision`) is how the device computes; it
     changes neither what is trained nor what is sent.
@@ -64,6 +70,8 @@ class TrainConfig:
     personal_lambda: float = 0.0
     control: bool = False
     mask_absent: bool = False
+    personal_head: tuple[str, ...] = ()
+    personal_epochs: int = 0
     precision: str = "fp32"
 
     def check(self) -> None:
@@ -82,6 +90,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         """Inverse of `to_dict`, also after JSON (lists back to tuples)."""
         return cls(**{**d, "head": tuple(d.get("head", ())),
+                      "personal_head": tuple(d.get("personal_head", ())),
                       "objective_args": tuple(map(tuple, d.get("objective_args", ())))})
 
 

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .spec import ModelSpec, build_model
 
 _train_flops_cache: dict[tuple, int] = {}
+_personal_cache: dict[tuple, tuple[int, int]] = {}
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
@@ -61,3 +62,19 @@ def train_flops_per_sample(spec: ModelSpec) -> int:
         batch = 2  # batch norm needs more than one value per channel in training mode
         _train_flops_cache[key] = train_flops(build_model(spec), spec.input_shape, batch) // batch
     return _train_flops_cache[key]
+
+
+def personal_fit_flops(spec: ModelSpec, first: int) -> tuple[int, int]:
+    """Per sample, for fitting layers `first`.. of `spec` on frozen features: the forward
+    FLOPs of the layers before them (the features, computed once) and the FLOPs of one
+    training step of those layers on the features (no gradient for their input)."""
+    key = (spec.input_shape, spec.layers, first)
+    if key not in _personal_cache:
+        with torch.device("meta"):
+            model = build_model(spec)
+            shape = model[:first](torch.empty(1, *spec.input_shape)).shape[1:]
+        per_child = count_forward(model, spec.input_shape)[1]
+        trunk = sum(per_child[name] for name in spec.names[:first])
+        batch = 2  # as train_flops_per_sample
+        _personal_cache[key] = trunk, train_flops(model[first:], tuple(shape), batch) // batch
+    return _personal_cache[key]
