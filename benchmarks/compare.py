@@ -163,7 +163,7 @@ def run_setting(name: str, seeds: list[int], out: Path, precision: str = "auto",
     for seed in seeds:
         for algo in resweep or s.algorithms:
             run_dir = RUNS / name / f"seed-{seed}" / algo
-            cfg = _single(tuned, algo, seed)
+            cfg = single_config(tuned, algo, seed)
             stale = _stale(run_dir, cfg)
             if stale:
                 print(f"{time.strftime('%H:%M:%S')} {name} seed {seed} {algo}: run at {stale}: "
@@ -279,18 +279,20 @@ def _stale(run_dir: Path, cfg: Config) -> str | None:
     return None
 
 
-def _single(tuned: Config, algo: str, seed: int) -> Config:
+def single_config(tuned: Config, algo: str, seed: int) -> Config:
+    """The config of one run: `algo` alone at `seed`, with its tuned settings applied."""
     data = tuned.for_algorithm(algo).to_dict()
     data.update(algorithms=[algo], seed=seed, overrides={})
     return config_from_dict(data)
 
 
-def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
+def mean_std(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    """"mean ± std" of the values (times `scale`) that are numbers, "-" if none are."""
+    values = [scale * v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return "-"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
 def collect(out: Path, name: str) -> dict[str, dict[int, list[dict]]]:
@@ -325,47 +327,50 @@ def _run_config(out: Path, name: str, algo: str) -> Config:
     return load_config(*base_config(name))
 
 
+def summary_row(algo: str, per_seed: dict[int, list[dict]], cfg: Config) -> dict:
+    """One results-table row of an algorithm's runs (metric lines per seed) made with `cfg`:
+    mean ± std over the seeds of best and last accuracies, rounds to the target per seed,
+    costs per device and round, and health."""
+    first = next(iter(per_seed.values()))
+
+    def pick(key: str, how) -> list[float]:
+        return [how([m[key] for m in lines if m[key] is not None] or [math.nan])
+                for lines in per_seed.values()]
+
+    target = cfg.target_acc
+    key = "global_acc" if first[-1]["global_acc"] is not None else "context_acc"
+    reached = [next((m["round"] for m in lines if m[key] is not None and m[key] >= target),
+                    None) for lines in per_seed.values()]
+    return {
+        "algorithm": algo, "family": ALGORITHMS[algo].family,
+        "judged_by": ALGORITHMS[algo].judged_by,
+        "lr": cfg.for_algorithm(algo).train.lr,
+        "seeds": sorted(per_seed), "rounds": cfg.rounds,
+        "best_global": mean_std(pick("global_acc", max)),
+        "last_global": mean_std(pick("global_acc", lambda v: v[-1])),
+        "best_context": mean_std(pick("context_acc", max)),
+        "last_context": mean_std(pick("context_acc", lambda v: v[-1])),
+        "last_context_value": statistics.mean(pick("context_acc", lambda v: v[-1])),
+        "last_global_value": statistics.mean(pick("global_acc", lambda v: v[-1])),
+        "target": f"{target} ({key.split('_')[0]})",
+        "reached_rounds": reached,
+        "reached": ", ".join("-" if r is None else str(r) for r in reached),
+        "mb": statistics.mean((m["bytes_down"] + m["bytes_up"]) / 1e6
+                              for lines in per_seed.values() for m in lines),
+        "gflops": statistics.mean(m["device_train_flops"] / 1e9
+                                  for lines in per_seed.values() for m in lines),
+        "wall": statistics.mean(sum(m["wall_s"] for m in lines) / len(lines)
+                                for lines in per_seed.values()),
+        "health": "; ".join(f"seed {seed}: {h}" for seed, lines in per_seed.items()
+                            if (h := health(lines)) != "ok") or "ok",
+    }
+
+
 def table(out: Path, name: str) -> tuple[str, list[dict]]:
     """The setting's results table (markdown) and its rows."""
-    s = SETTINGS[name]
     runs = collect(out, name)
-    rows = []
-    for algo in s.algorithms:
-        if algo not in runs:
-            continue
-        per_seed = runs[algo]
-        first = next(iter(per_seed.values()))
-        cfg = _run_config(out, name, algo)
-
-        def pick(key: str, how, per_seed=per_seed) -> list[float]:
-            return [how([m[key] for m in lines if m[key] is not None] or [math.nan])
-                    for lines in per_seed.values()]
-
-        target = cfg.target_acc
-        key = "global_acc" if first[-1]["global_acc"] is not None else "context_acc"
-        reached = [next((m["round"] for m in lines if m[key] is not None and m[key] >= target),
-                        None) for lines in per_seed.values()]
-        rows.append({
-            "algorithm": algo, "family": ALGORITHMS[algo].family,
-            "judged_by": ALGORITHMS[algo].judged_by,
-            "lr": cfg.for_algorithm(algo).train.lr,
-            "seeds": sorted(per_seed), "rounds": cfg.rounds,
-            "best_global": _mean_std(pick("global_acc", max)),
-            "last_global": _mean_std(pick("global_acc", lambda v: v[-1])),
-            "best_context": _mean_std(pick("context_acc", max)),
-            "last_context": _mean_std(pick("context_acc", lambda v: v[-1])),
-            "last_context_value": statistics.mean(pick("context_acc", lambda v: v[-1])),
-            "target": f"{target} ({key.split('_')[0]})",
-            "reached": ", ".join("-" if r is None else str(r) for r in reached),
-            "mb": statistics.mean((m["bytes_down"] + m["bytes_up"]) / 1e6
-                                  for lines in per_seed.values() for m in lines),
-            "gflops": statistics.mean(m["device_train_flops"] / 1e9
-                                      for lines in per_seed.values() for m in lines),
-            "wall": statistics.mean(sum(m["wall_s"] for m in lines) / len(lines)
-                                    for lines in per_seed.values()),
-            "health": "; ".join(f"seed {seed}: {h}" for seed, lines in per_seed.items()
-                                if (h := health(lines)) != "ok") or "ok",
-        })
+    rows = [summary_row(algo, runs[algo], _run_config(out, name, algo))
+            for algo in SETTINGS[name].algorithms if algo in runs]
     head = ("| algorithm | family | judged by | tuned lr | best global | last global | "
             "best context | last context | round reaching target | MB/device/round | "
             "device GFLOPs/round | train s/round | health |\n|" + "---|" * 13)
@@ -558,7 +563,7 @@ def side_by_side(base: Path, out: Path, name: str) -> str:
                 continue
             a = [last(v, key) for v in before[algo].values()]
             b = [last(v, key) for v in after[algo].values()]
-            cells += [_mean_std(a), _mean_std(b)]
+            cells += [mean_std(a), mean_std(b)]
             inside.append(min(a) <= statistics.mean(b) <= max(a))
             change.append(100 * (statistics.mean(b) - statistics.mean(a)))
         wall = [statistics.mean(statistics.mean(m["wall_s"] for m in lines)

@@ -34,7 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import timed  # noqa: E402
+from compare import mean_std, timed  # noqa: E402
 
 from cadfl.config import load_config  # noqa: E402
 from cadfl.engine.run import read_metrics, run_experiment  # noqa: E402
@@ -170,14 +170,6 @@ def final_score(lines: list[dict], key: str, last_rounds: int) -> float:
     return statistics.mean(values) if values else math.nan
 
 
-def _mean_std(values: list[float], scale: float = 100.0) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.mean(values):.2f} ± {scale * std:.2f}"
-
-
 def _wall(name: str, algo: str, seed: int) -> float | None:
     record = RUNS / name / f"seed-{seed}" / algo / "wall_s.txt"
     kept = OUT / name / "wall.json"
@@ -219,19 +211,18 @@ def report(names: list[str]) -> str:
                 rows.append(f"| {algo} | not run yet | | | | | | {a.source} |")
                 continue
             cfg = config_of(name, algo, next(iter(per_seed)))
-            opened = [final_score(v, "context_open_acc", s.last_rounds) for v in per_seed.values()]
+            opened = [final_score(v, "context_open_acc", s.last_rounds)
+                      for v in per_seed.values()]
             within = [final_score(v, "context_acc", s.last_rounds) for v in per_seed.values()]
             published = s.published.get(algo)
             spent = [w for seed in per_seed if (w := walls[f"seed-{seed}-{algo}"]) is not None]
             precision = ", ".join(sorted({m["precision"] for v in per_seed.values() for m in v}))
             rounds = max(m["round"] for v in per_seed.values() for m in v)
+            wall = (f"{statistics.mean(spent) / 60:.1f} min, {precision}" if spent else "-")
             rows.append(
-                f"| {algo} | {_mean_std(opened)} | {_mean_std(within)} | "
+                f"| {algo} | {mean_std(opened, 100, 2)} | {mean_std(within, 100, 2)} | "
                 f"{'-' if published is None else f'{published:.2f}'} | "
-                f"{sorted(per_seed)} | {rounds} of {cfg.rounds} | "
-                f"{statistics.mean(spent) / 60:.1f} min, {precision} | {a.source} |"
-                if spent else f"| {algo} | {_mean_std(opened)} | {_mean_std(within)} | - | "
-                f"{sorted(per_seed)} | {rounds} of {cfg.rounds} | - | {a.source} |")
+                f"{sorted(per_seed)} | {rounds} of {cfg.rounds} | {wall} | {a.source} |")
         (OUT / name / "wall.json").write_text(json.dumps(walls, indent=1) + "\n")
         _plot(name, found)
         parts.append(
