@@ -178,3 +178,31 @@ def test_bad_depth_and_too_narrow_layers_are_refused_with_the_reason():
     with pytest.raises(SpecError, match="distinct class ids"):
         index_map(decouple(spec, 10, 1), build_model(decouple(spec, 10, 1).spec).state_dict(),
                   [1, 1])
+
+
+def test_cad_path_lr_scales_the_first_step_of_the_decoupled_layers_only(digits):
+    from cadfl.device.train import DeviceData, train_local
+    from cadfl.fl.payload import DeviceInfo
+
+    spec = get_model("digits_cnn", 10)
+    torch.manual_seed(0)
+    dense = build_model(spec).state_dict()
+    idx = torch.nonzero(digits.train_y < 5).flatten()[:100]
+    data = DeviceData(digits.train_x, digits.train_y, 10, digits.mean, digits.std, index=idx)
+    # One full-batch step without momentum or weight decay: a parameter's change is -lr * g.
+    train = TrainConfig(batch_size=100, lr=0.1, momentum=0.0, weight_decay=0.0, augment=False)
+
+    def change(path_lr: float) -> dict[str, torch.Tensor]:
+        cad = CAD(spec, train, [DeviceInfo(0, (20,) * 5 + (0,) * 5)], depth=1, path_lr=path_lr)
+        payload = dict(cad.configure_train(1, cad.initial_state(dense), [0]))[0]
+        update = train_local(payload, data)
+        return {k: update.state[k] - v for k, v in payload.state.items()
+                if v.is_floating_point() and not k.endswith(("running_mean", "running_var"))}
+
+    plain, fast = change(1.0), change(3.0)
+    decoupled = decouple(spec, 10, 1)
+    for key in plain:
+        factor = 3.0 if decoupled.is_path_key(key) else 1.0
+        assert torch.allclose(fast[key], factor * plain[key], atol=1e-6), key
+    assert any(decoupled.is_path_key(k) for k in plain) and not all(
+        decoupled.is_path_key(k) for k in plain)

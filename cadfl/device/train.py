@@ -24,6 +24,7 @@ from ..fl.payload import (
     TASKS,
     Payload,
     State,
+    TrainConfig,
     Update,
     matches,
     model_part,
@@ -158,6 +159,16 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
                  "train_flops": float(train_flops_per_sample(spec) * loop.seen) + fitted})
 
 
+def _lr_groups(params: dict[str, nn.Parameter], cfg: TrainConfig) -> list[dict]:
+    """Optimizer parameter groups: each parameter at `cfg.lr` times the factor of the first
+    `cfg.lr_scales` pattern its name matches (1 if none), in the parameters' order."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, p in params.items():
+        factor = next((f for pattern, f in cfg.lr_scales if matches(name, (pattern,))), 1.0)
+        groups.setdefault(factor, []).append(p)
+    return [{"params": ps, "lr": cfg.lr * f} for f, ps in groups.items()]
+
+
 def _fit_personal(payload: Payload, data: DeviceData, loop: _LocalSGD, received: State
                   ) -> tuple[State, float]:
     """The device's copy of its `personal_head` layers (the received ones the first time)
@@ -270,7 +281,7 @@ class _LocalSGD:
         centre = ({k: anchor[k].to(data.compute) for k in names} if penalty is not None
                   else None)
         # foreach: one fused update over all tensors (torch's default only on CUDA)
-        opt = torch.optim.SGD(plist, lr=cfg.lr, momentum=cfg.momentum,
+        opt = torch.optim.SGD(_lr_groups(params, cfg), lr=cfg.lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay, foreach=True)
         drift = ([control[k][0] - control[k][1] for k in names] if control is not None
                  else None)  # c - c_i, the same at every step of the round

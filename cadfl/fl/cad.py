@@ -22,7 +22,8 @@ never sends it: at the start of each of its rounds it fits the copy for `persona
 epochs on the features the received sub-model's earlier layers give its images (one
 forward pass, no augmentation; FedRep's head-first step at a fraction of its cost), then
 trains the received sub-model as plain CAD does. It predicts with its copy; the cloud's
-model, its aggregation and the bytes sent are plain CAD's.
+model, its aggregation and the bytes sent are plain CAD's. `path_lr` trains the decoupled
+layers at that factor of the learning rate (their rows see fewer devices than the trunk).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class CADOptions:
     # whose class selectivity reaches this
     personal: int = 0  # personal paths: the last N conv/linear layers' own copy per device
     personal_epochs: int = 5  # epochs fitting that copy on frozen features, each round
+    path_lr: float = 1.0  # the class paths' learning rate, as a factor of train.lr
 
     def check(self, cfg: Any) -> None:
         """ValueError naming the field if a value is out of range (`cfg.rounds` bounds the
@@ -88,6 +90,7 @@ class CADOptions:
         check_range("cad.warmup_rounds", self.warmup_rounds, 0)
         check_range("cad.personal", self.personal, 0)
         check_range("cad.personal_epochs", self.personal_epochs, 1)
+        check_range("cad.path_lr", self.path_lr, 0, low_open=True)
         if self.assign == "activation" and not (self.warmup_rounds or self.checkpoint):
             raise ValueError("cad.assign='activation' needs a trained model: set "
                              "cad.warmup_rounds >= 1 or cad.checkpoint to a dense .safetensors")
@@ -140,7 +143,7 @@ class CAD(Strategy):
                    warmup_rounds=o.warmup_rounds, pretrained=pretrained,
                    selectivity_threshold=o.selectivity_threshold,
                    others=setting.other if o.others else None, personal=o.personal,
-                   personal_epochs=o.personal_epochs)
+                   personal_epochs=o.personal_epochs, path_lr=o.path_lr)
 
     @staticmethod
     def answers_others(options: CADOptions | None) -> bool:
@@ -152,7 +155,7 @@ class CAD(Strategy):
                  depth: int | str = 1, assign: str = "prior",
                  warmup_rounds: int = 0, pretrained: State | None = None,
                  selectivity_threshold: float = 0.3, others: int | None = None,
-                 personal: int = 0, personal_epochs: int = 5) -> None:
+                 personal: int = 0, personal_epochs: int = 5, path_lr: float = 1.0) -> None:
         self.others, self.plain_spec = others, spec
         if others is not None:
             spec = with_classes(spec, (others,))
@@ -161,6 +164,7 @@ class CAD(Strategy):
         self.warmup_rounds, self.pretrained = warmup_rounds, pretrained
         self.threshold = selectivity_threshold
         self.personal = (head_patterns(spec, personal) if personal else (), personal_epochs)
+        self.path_lr = path_lr
         self.dense = FedAvg(spec, train, devices, bn=bn, robust=robust)
         self.decoupling: Decoupling | None = None
         if depth != "auto":
@@ -290,6 +294,15 @@ class CAD(Strategy):
         dense = permute_dense(dec, self.global_model(state)[1], perms)
         self._enter_decoupled()
         return {**to_decoupled(dec, dense), **spare_pool(dec, dense)}
+
+    def device_config(self, rnd: int, device: int) -> TrainConfig:
+        """With `path_lr` != 1: the decoupled layers train at that factor of the rate."""
+        base = super().device_config(rnd, device)
+        if self.path_lr == 1.0 or not self.decoupled:
+            return base
+        paths = tuple(f"{name}.*" for name in self.spec.names
+                      if self.decoupling.is_path_key(f"{name}.weight"))
+        return replace(base, lr_scales=tuple((p, self.path_lr) for p in paths))
 
     def device_model_is_global(self) -> bool:
         """Not with personal paths: each device predicts with its own copy."""

@@ -47,6 +47,8 @@ class TrainConfig:
       received model's earlier layers give its images, computed once without augmentation;
       the training after it is unchanged, and the device predicts with its copy (CAD's
       personal paths).
+    - `lr_scales`: (glob pattern, factor) pairs: a parameter matching a pattern trains at
+      `lr` times its factor (the first pattern that matches; CAD's path learning rate).
 
     `precision` ("fp32" or "bf16", `cadfl.device.precision`) is how the device computes; it
     changes neither what is trained nor what is sent.
@@ -72,6 +74,7 @@ class TrainConfig:
     mask_absent: bool = False
     personal_head: tuple[str, ...] = ()
     personal_epochs: int = 0
+    lr_scales: tuple[tuple[str, float], ...] = ()
     precision: str = "fp32"
 
     def check(self) -> None:
@@ -91,6 +94,7 @@ class TrainConfig:
         """Inverse of `to_dict`, also after JSON (lists back to tuples)."""
         return cls(**{**d, "head": tuple(d.get("head", ())),
                       "personal_head": tuple(d.get("personal_head", ())),
+                      "lr_scales": tuple(map(tuple, d.get("lr_scales", ()))),
                       "objective_args": tuple(map(tuple, d.get("objective_args", ())))})
 
 
