@@ -206,3 +206,30 @@ def test_cad_path_lr_scales_the_first_step_of_the_decoupled_layers_only(digits):
         assert torch.allclose(fast[key], factor * plain[key], atol=1e-6), key
     assert any(decoupled.is_path_key(k) for k in plain) and not all(
         decoupled.is_path_key(k) for k in plain)
+
+
+def test_cad_calibration_divides_the_global_logit_rows_by_their_norm_and_nothing_else():
+    from cadfl.fl.payload import DeviceInfo
+
+    spec = get_model("digits_cnn", 10)
+    torch.manual_seed(0)
+    dense = build_model(spec).state_dict()
+    devices = [DeviceInfo(0, (20,) * 5 + (0,) * 5), DeviceInfo(1, (0,) * 5 + (20,) * 5)]
+    train = TrainConfig()
+    plain = CAD(spec, train, devices, depth=1)
+    tau = CAD(spec, train, devices, depth=1, calibrate=0.5)
+    state = plain.initial_state(dense)
+    state["fc1.weight"] = state["fc1.weight"] * torch.arange(1, 11).view(-1, 1)  # unequal rows
+    _, raw = plain.global_model(state)
+    _, calibrated = tau.global_model(state)
+    norms = raw["fc1.weight"].double().pow(2).sum(1).sqrt()  # by hand, per class row
+    assert torch.allclose(calibrated["fc1.weight"].double(),
+                          raw["fc1.weight"].double() / norms.sqrt().view(-1, 1))
+    assert torch.allclose(calibrated["fc1.bias"].double(), raw["fc1.bias"].double() / norms.sqrt())
+    assert all(torch.equal(calibrated[k], raw[k]) for k in raw if not k.startswith("fc1."))
+    # Devices train and are scored on the uncalibrated sub-models.
+    for (d, a), (_, b) in zip(plain.configure_train(1, state, [0, 1]),
+                              tau.configure_train(1, state, [0, 1]), strict=True):
+        assert a.state.keys() == b.state.keys()
+        assert all(torch.equal(a.state[k], b.state[k]) for k in a.state), d
+    assert plain.device_model_is_global() and not tau.device_model_is_global()

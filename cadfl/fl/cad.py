@@ -24,6 +24,12 @@ forward pass, no augmentation; FedRep's head-first step at a fraction of its cos
 trains the received sub-model as plain CAD does. It predicts with its copy; the cloud's
 model, its aggregation and the bytes sent are plain CAD's. `path_lr` trains the decoupled
 layers at that factor of the learning rate (their rows see fewer devices than the trunk).
+
+Each path is trained by other devices, so the logit scales of the global model differ across
+classes. `calibrate` = tau > 0 divides each class's logit row of the global model by its
+weight norm ** tau, data-free on the cloud (the tau-normalised classifier of Kang et al.,
+"Decoupling Representation and Classifier for Long-Tailed Recognition", ICLR 2020). It
+changes the cloud's model only: not what devices train, receive or predict with.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class CADOptions:
     personal: int = 0  # personal paths: the last N conv/linear layers' own copy per device
     personal_epochs: int = 5  # epochs fitting that copy on frozen features, each round
     path_lr: float = 1.0  # the class paths' learning rate, as a factor of train.lr
+    calibrate: float = 0.0  # tau: the global model's logit rows over their norm ** tau
 
     def check(self, cfg: Any) -> None:
         """ValueError naming the field if a value is out of range (`cfg.rounds` bounds the
@@ -91,12 +98,18 @@ class CADOptions:
         check_range("cad.personal", self.personal, 0)
         check_range("cad.personal_epochs", self.personal_epochs, 1)
         check_range("cad.path_lr", self.path_lr, 0, low_open=True)
+        check_range("cad.calibrate", self.calibrate, 0, 2)
         if self.assign == "activation" and not (self.warmup_rounds or self.checkpoint):
             raise ValueError("cad.assign='activation' needs a trained model: set "
                              "cad.warmup_rounds >= 1 or cad.checkpoint to a dense .safetensors")
         if self.warmup_rounds >= cfg.rounds:
             raise ValueError(f"cad.warmup_rounds={self.warmup_rounds} leaves no CAD rounds: "
                              f"allowed 0 to rounds-1 = {cfg.rounds - 1}")
+
+
+def _without_spares(state: State) -> State:
+    """The model's tensors of CAD's state: without the spare pool."""
+    return {k: v for k, v in state.items() if not k.startswith(SPARE_PREFIX)}
 
 
 def load_pretrained(path: str, like: State) -> State:
@@ -143,7 +156,8 @@ class CAD(Strategy):
                    warmup_rounds=o.warmup_rounds, pretrained=pretrained,
                    selectivity_threshold=o.selectivity_threshold,
                    others=setting.other if o.others else None, personal=o.personal,
-                   personal_epochs=o.personal_epochs, path_lr=o.path_lr)
+                   personal_epochs=o.personal_epochs, path_lr=o.path_lr,
+                   calibrate=o.calibrate)
 
     @staticmethod
     def answers_others(options: CADOptions | None) -> bool:
@@ -155,7 +169,8 @@ class CAD(Strategy):
                  depth: int | str = 1, assign: str = "prior",
                  warmup_rounds: int = 0, pretrained: State | None = None,
                  selectivity_threshold: float = 0.3, others: int | None = None,
-                 personal: int = 0, personal_epochs: int = 5, path_lr: float = 1.0) -> None:
+                 personal: int = 0, personal_epochs: int = 5, path_lr: float = 1.0,
+                 calibrate: float = 0.0) -> None:
         self.others, self.plain_spec = others, spec
         if others is not None:
             spec = with_classes(spec, (others,))
@@ -164,7 +179,7 @@ class CAD(Strategy):
         self.warmup_rounds, self.pretrained = warmup_rounds, pretrained
         self.threshold = selectivity_threshold
         self.personal = (head_patterns(spec, personal) if personal else (), personal_epochs)
-        self.path_lr = path_lr
+        self.path_lr, self.calibrate = path_lr, calibrate
         self.dense = FedAvg(spec, train, devices, bn=bn, robust=robust)
         self.decoupling: Decoupling | None = None
         if depth != "auto":
@@ -201,8 +216,18 @@ class CAD(Strategy):
             self._enter_decoupled()
 
     def global_model(self, state: State) -> tuple[ModelSpec, State]:
-        """The decoupled model (without the spare pool), or the dense one while warming up."""
-        return self.spec, {k: v for k, v in state.items() if not k.startswith(SPARE_PREFIX)}
+        """The decoupled model (without the spare pool), or the dense one while warming up;
+        with `calibrate` = tau > 0, each class's logit row (weights and bias) divided by its
+        weight norm ** tau."""
+        model = _without_spares(state)
+        if self.calibrate and self.decoupled:
+            logits = self.spec.names[-1]
+            w = model[f"{logits}.weight"]
+            scale = w.flatten(1).norm(dim=1).clamp_min(1e-12).pow(self.calibrate)
+            model[f"{logits}.weight"] = w / scale.view(-1, *([1] * (w.dim() - 1)))
+            if f"{logits}.bias" in model:
+                model[f"{logits}.bias"] = model[f"{logits}.bias"] / scale
+        return self.spec, model
 
     def initial_state(self, weights: State) -> State:
         """Prior: the dense model's trunk, and class paths initialised with their own fan-in
@@ -291,7 +316,7 @@ class CAD(Strategy):
         self.notes = {
             "round": rnd, "depth": dec.depth, "suggested_depth": chosen, "assignment": layers,
             "selectivity": {name: selectivity(m) for name, m in means.items()}}
-        dense = permute_dense(dec, self.global_model(state)[1], perms)
+        dense = permute_dense(dec, _without_spares(state), perms)
         self._enter_decoupled()
         return {**to_decoupled(dec, dense), **spare_pool(dec, dense)}
 
@@ -305,8 +330,10 @@ class CAD(Strategy):
         return replace(base, lr_scales=tuple((p, self.path_lr) for p in paths))
 
     def device_model_is_global(self) -> bool:
-        """Not with personal paths: each device predicts with its own copy."""
-        return super().device_model_is_global() and not self.personal[0]
+        """Not with personal paths (each device predicts with its own copy) nor with a
+        calibrated global model (the devices' sub-models are not calibrated)."""
+        return (super().device_model_is_global() and not self.personal[0]
+                and not self.calibrate)
 
     def payload(self, rnd: int, device: int, spec: ModelSpec, weights: State) -> Payload:
         """With personal paths: the device fits, keeps and never sends its own copy."""
@@ -324,7 +351,7 @@ class CAD(Strategy):
         if not self.decoupled:
             yield from self.dense.configure_train(rnd, state, device_ids)
             return
-        _, weights = self.global_model(state)
+        weights = _without_spares(state)  # what devices train: never the calibrated logits
         for d in device_ids:
             spec, sub, _ = extract(self.decoupling, weights, self.device_classes(d))
             yield d, self.payload(rnd, d, spec, sub)
