@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402
 
-from cadfl.config import load_config  # noqa: E402
+from cadfl.config import config_from_dict, load_config  # noqa: E402
 from cadfl.engine.run import read_metrics, run_experiment  # noqa: E402
 from cadfl.sweep import run_sweep  # noqa: E402
 
@@ -60,6 +60,9 @@ def run_variant(name: str, variant: str, seeds: list[int]) -> None:
     for seed in seeds:
         run_dir = where / f"seed-{seed}"
         cfg = compare.single_config(tuned, "cad", seed)
+        if not compare.SETTINGS[name].sweep_rounds:
+            # Its peers ran from the preset, tuned into it, on all images: so do the variants.
+            cfg = config_from_dict({**cfg.to_dict(), "validation_fraction": 0.0})
         if len(read_metrics(run_dir / "metrics.jsonl")) >= cfg.rounds and \
                 (run_dir / "summary.md").exists():
             continue
