@@ -331,14 +331,15 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         "sweep.md, sweep.json, heatmap.png, tuned.toml and one run directory per point; "
         "run it again with the same --out to continue an interrupted sweep.",
         epilog="examples:\n"
-        "  cadfl sweep --grid train.lr=0.01,0.03,0.1 --rounds 15\n"
+        "  cadfl sweep --grid train.lr=0.01,0.03,0.1            # over the config's rounds\n"
         "  cadfl sweep configs/cifar10-alexnet-5cls.toml --set data_fraction=0.1 "
         "--grid train.lr=0.005,0.01,0.02 --grid fedprox.mu=0.01,0.1 --rounds 10\n"
         "  cadfl run runs/sweep/tuned.toml")
     p.add_argument("config", nargs="?", metavar="CONFIG", help="TOML config file")
     p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
                    help="a setting and its values (TOML); repeat for a product grid")
-    p.add_argument("--rounds", type=int, required=True, help="rounds of every run")
+    p.add_argument("--rounds", type=int, help="rounds of every point (default: the config's "
+                   "rounds, the horizon of the runs it tunes; a clearly lost point stops early)")
     p.add_argument("--extend", type=int, default=2, metavar="N",
                    help="a one-key grid of floats (the learning rate) grows past an end an "
                    "algorithm chose, one geometric step at a time, at most N values per end "
@@ -355,14 +356,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from .config import load_config
     from .sweep import parse_grid, print_table, run_sweep
 
-    if args.rounds < 1:
+    if args.rounds is not None and args.rounds < 1:
         raise UserError(f"--rounds {args.rounds}: give at least 1")
     if args.extend < 0:
         raise UserError(f"--extend {args.extend}: give 0 or more")
     out = Path(args.out or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = run_sweep(args.config, _with_precision(args), parse_grid(args.grid), args.rounds, out,
+    overrides = _with_precision(args)
+    rounds = args.rounds or load_config(args.config, overrides).rounds
+    result = run_sweep(args.config, overrides, parse_grid(args.grid), rounds, out,
                        quiet=args.quiet, extend=args.extend)
     print_table(result)
     print(f"\nsweep folder: {out}  (sweep.md, heatmap.png; tuned config: {out / 'tuned.toml'})")

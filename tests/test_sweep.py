@@ -108,3 +108,13 @@ def test_a_choice_at_an_end_widens_the_grid_a_bounded_number_of_times():
     assert value_beyond(points, low, stable, grown, 1) == 1.0  # then the high end: 0.1^2 / 0.01
     assert value_beyond(points, low, stable, grown, 1) is None  # both ends used up
     assert value_beyond([(1,), (2,)], low, stable, {"lowest": 0, "highest": 0}, 3) is None  # ints
+
+
+def test_a_sweep_without_rounds_scores_over_the_configs_rounds(tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--grid", "train.lr=0.05", "--extend", "0", "--quiet", "--out",
+                 str(out), "--set", "devices=4", "--set", "data_fraction=0.3",
+                 "--set", "rounds=3", "--set", 'algorithms=["fedavg"]']) == 0
+    assert json.loads((out / "sweep.json").read_text())["rounds"] == 3
+    lines = (out / "point-00" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["round"] for s in lines] == [1, 2, 3]
