@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402
 
 from cadfl.config import config_from_dict, load_config  # noqa: E402
-from cadfl.engine.run import read_metrics, run_experiment  # noqa: E402
+from cadfl.engine.run import read_metrics  # noqa: E402
 from cadfl.sweep import run_sweep  # noqa: E402
 
 ROOT = compare.ROOT
@@ -63,12 +63,7 @@ def run_variant(name: str, variant: str, seeds: list[int]) -> None:
         if not compare.SETTINGS[name].sweep_rounds:
             # Its peers ran from the preset, tuned into it, on all images: so do the variants.
             cfg = config_from_dict({**cfg.to_dict(), "validation_fraction": 0.0})
-        if len(read_metrics(run_dir / "metrics.jsonl")) >= cfg.rounds and \
-                (run_dir / "summary.md").exists():
-            continue
-        print(f"{time.strftime('%H:%M:%S')} {name} {variant} seed {seed}", flush=True)
-        compare.timed(run_dir, run_experiment, cfg, run_dir,
-                      resume=(run_dir / "config.toml").exists(), quiet=True)
+        compare.run_once(run_dir, cfg, f"{name} {variant} seed {seed}")
 
 
 def collect(name: str) -> dict[str, tuple[dict[int, list[dict]], dict | None]]:

@@ -169,12 +169,18 @@ def run_setting(name: str, seeds: list[int], out: Path, precision: str = "auto",
                 print(f"{time.strftime('%H:%M:%S')} {name} seed {seed} {algo}: run at {stale}: "
                       "started again", flush=True)
                 shutil.rmtree(run_dir)
-            done = read_metrics(run_dir / "metrics.jsonl")
-            if len(done) >= cfg.rounds and (run_dir / "summary.md").exists():
-                continue
-            print(f"{time.strftime('%H:%M:%S')} {name} seed {seed} {algo}", flush=True)
-            timed(run_dir, run_experiment, cfg, run_dir,
-                   resume=(run_dir / "config.toml").exists(), quiet=True)
+            run_once(run_dir, cfg, f"{name} seed {seed} {algo}")
+
+
+def run_once(run_dir: Path, cfg: Config, label: str) -> None:
+    """Run `cfg` into `run_dir`, timed (`timed`), unless it finished there already; a run
+    stopped half way continues."""
+    done = read_metrics(run_dir / "metrics.jsonl")
+    if len(done) >= cfg.rounds and (run_dir / "summary.md").exists():
+        return
+    print(f"{time.strftime('%H:%M:%S')} {label}", flush=True)
+    timed(run_dir, run_experiment, cfg, run_dir, resume=(run_dir / "config.toml").exists(),
+          quiet=True)
 
 
 def resweep_setting(name: str, algorithms: tuple[str, ...], out: Path,

@@ -24,7 +24,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +33,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import mean_std, timed  # noqa: E402
+from compare import mean_std, run_once  # noqa: E402
 
 from cadfl.config import load_config  # noqa: E402
-from cadfl.engine.run import read_metrics, run_experiment  # noqa: E402
+from cadfl.engine.run import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "reproduce"
@@ -155,14 +154,8 @@ def run_setting(name: str, seeds: list[int], algorithms: list[str]) -> None:
     """Every (seed, algorithm) of a setting, each resumable."""
     for seed in seeds:
         for algo in algorithms:
-            cfg = config_of(name, algo, seed)
-            run_dir = RUNS / name / f"seed-{seed}" / algo
-            done = read_metrics(run_dir / "metrics.jsonl")
-            if len(done) >= cfg.rounds and (run_dir / "summary.md").exists():
-                continue
-            print(f"{time.strftime('%H:%M:%S')} {name} seed {seed} {algo}", flush=True)
-            timed(run_dir, run_experiment, cfg, run_dir,
-                  resume=(run_dir / "config.toml").exists(), quiet=True)
+            run_once(RUNS / name / f"seed-{seed}" / algo, config_of(name, algo, seed),
+                     f"{name} seed {seed} {algo}")
 
 
 def collect(name: str) -> dict[str, dict[int, list[dict]]]:
