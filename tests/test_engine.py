@@ -341,3 +341,16 @@ def test_open_context_accuracy_takes_the_argmax_over_every_output_on_own_class_i
     acc, reject, inside, opened = context_scores(logits, y, spec, (1, 2), other=None)
     assert (acc, opened) == (0.75, 0.5)
     assert math.isnan(reject) and math.isnan(inside)
+
+
+def test_open_accuracy_is_over_the_outputs_each_devices_model_has(tmp_path, digits):
+    # A CAD device's sub-model answers among its classes only: open = within its classes.
+    # A FedAvg device holds the whole model: its open argmax may pick any class.
+    cfg = load_config(None, ["devices=4", "rounds=2", "data_fraction=0.5",
+                             'algorithms=["cad", "fedavg"]'])
+    lines = run_experiment(cfg, tmp_path, quiet=True, dataset=digits)
+    for m in lines:
+        if m["algorithm"] == "cad":
+            assert m["context_open_acc"] == pytest.approx(m["context_acc"])
+        else:
+            assert m["context_open_acc"] < m["context_acc"]

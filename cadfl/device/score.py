@@ -79,17 +79,19 @@ def global_scores(logits: torch.Tensor, y: torch.Tensor, spec: ModelSpec, other:
 
 
 def context_scores(logits: torch.Tensor, y: torch.Tensor, spec: ModelSpec,
-                   classes: tuple[int, ...], other: int | None
-                   ) -> tuple[float, float, float, float]:
+                   classes: tuple[int, ...], other: int | None,
+                   outputs: Sequence[int] | None = None) -> tuple[float, float, float, float]:
     """A device's (context accuracy, Others rejection rate, in-context accuracy with Others
     competing, open context accuracy) from its model's logits on labels `y`; the middle two
-    are nan without Others. The open one takes the argmax over all the model's outputs
-    (Others among them, counting as wrong) on the images of the device's classes, as
-    personalised-FL papers score a client (FedRep, Collins et al. 2021, models/test.py)."""
+    are nan without Others. The open one takes the argmax over all the outputs the device's
+    model has (`outputs`, class ids; default all of `spec`'s), Others among them and counting
+    as wrong, on the images of the device's classes, as personalised-FL papers score a client
+    (FedRep, Collins et al. 2021, models/test.py)."""
     acc = accuracy(logits, y, spec, classes)
     own = torch.isin(y, torch.tensor(classes))
-    opened = (torch.tensor(spec.class_ids)[logits[own].argmax(1)] == y[own]).float().mean().item() \
-        if own.any() else math.nan
+    answers = tuple(outputs) if outputs is not None else spec.class_ids
+    opened = (restricted_predictions(logits[own], spec.class_ids, answers) == y[own]
+              ).float().mean().item() if own.any() else math.nan
     if other not in spec.class_ids:
         return acc, math.nan, math.nan, opened
     pred = restricted_predictions(logits, spec.class_ids, (*classes, other))

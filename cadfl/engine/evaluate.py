@@ -69,12 +69,13 @@ def evaluate(exp: Experiment, strategy: Strategy, rnd: int, state: State,
     if logits is not None and strategy.device_model_is_global() and ds.owners is None:
         # One pass of the global model scores every device: restrict the argmax per
         # device, once per distinct class set.
-        by_classes: dict[tuple[int, ...], Scores] = {}
+        by_classes: dict[tuple, Scores] = {}
         for d in exp.devices:
-            if d.classes not in by_classes:
-                by_classes[d.classes] = context_scores(logits, ds.test_y, spec, d.classes,
-                                                       exp.other)
-            scores.append(by_classes[d.classes])
+            outputs = strategy.device_outputs(d.id)
+            if (d.classes, outputs) not in by_classes:
+                by_classes[d.classes, outputs] = context_scores(logits, ds.test_y, spec,
+                                                                d.classes, exp.other, outputs)
+            scores.append(by_classes[d.classes, outputs])
     else:
         jobs = strategy.configure_evaluate(rnd, state, evaluation_devices(exp, rnd))
         if score is not None:

@@ -250,6 +250,11 @@ class CAD(Strategy):
         own = self.devices[device].classes
         return own if self.others is None else (*own, self.others)
 
+    def device_outputs(self, device: int) -> tuple[int, ...] | None:
+        """A device's sub-model answers among its classes (and Others) only; the dense model
+        of the warm-up among all."""
+        return self.device_classes(device) if self.decoupled else None
+
     def add_classes(self, state: State, classes: Sequence[int], seed: int) -> State:
         """New Class: each class the model lacks gets a path in every decoupled layer and a
         logit (`cadfl.cad.grow`); existing paths and outputs are unchanged."""

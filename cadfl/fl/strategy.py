@@ -135,6 +135,11 @@ class Strategy(ABC):
         """Whether each device's model is the global model restricted to its classes."""
         return self.context_from_global and self.bn == "average"
 
+    def device_outputs(self, device: int) -> tuple[int, ...] | None:
+        """Where a device's model is the global one (`device_model_is_global`): the classes
+        its model answers among, None for all of the global model's (its open accuracy)."""
+        return None
+
     def device_config(self, rnd: int, device: int) -> TrainConfig:
         """The training settings a device gets this round (its own seed)."""
         return replace(self.train, seed=device_seed(self.train.seed, rnd, device))
