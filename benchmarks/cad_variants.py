@@ -38,6 +38,7 @@ VARIANTS = {
     "personal-2": ("cad.personal=2",),  # and its paths' last conv layer
     "fast-paths": ("cad.path_lr=3",),  # class paths at 3x the rate (faster early rounds)
     "calibrated": ("cad.calibrate=1",),  # the global logit rows over their norms
+    "groups-5": ("cad.groups=5",),  # 5 paths, each for 2 classes devices hold together
 }
 DIGITS_LRS = (0.03, 0.1, 0.3)  # compare.py's digits setting was tuned into its preset
 

@@ -233,3 +233,67 @@ def test_cad_calibration_divides_the_global_logit_rows_by_their_norm_and_nothing
         assert a.state.keys() == b.state.keys()
         assert all(torch.equal(a.state[k], b.state[k]) for k in a.state), d
     assert plain.device_model_is_global() and not tau.device_model_is_global()
+
+
+def test_classes_held_together_on_devices_share_a_group():
+    from cadfl.cad.grouping import class_groups, cooccurrence
+
+    sets = [(0, 1), (0, 1), (2, 3), (2, 3), (4, 5), (4, 5), (1, 2), (3, 4)]
+    co = cooccurrence(sets, 6)
+    assert co[0, 1] == 2 and co[1, 2] == 1 and co[0, 5] == 0 and co.trace() == 0
+    order, sizes = class_groups(sets, 6, 3)
+    assert sizes == (2, 2, 2)
+    assert {order[0:2], order[2:4], order[4:6]} == {(0, 1), (2, 3), (4, 5)}
+    assert class_groups(sets, 6, 3, "even") == ((0, 1, 2, 3, 4, 5), (2, 2, 2))
+
+
+def test_cad_with_groups_gives_a_device_one_wider_path_per_group_with_exact_logits():
+    from cadfl.device.model import load_model
+    from cadfl.fl.payload import DeviceInfo
+
+    spec = get_model("digits_cnn", 6)
+    torch.manual_seed(0)
+    dense = build_model(spec).state_dict()
+    holds = [(0, 3), (0, 3), (1, 4), (1, 4), (2, 5), (2, 5)]  # groups {0,3} {1,4} {2,5}
+    devices = [DeviceInfo(i, tuple(10 if c in s else 0 for c in range(6)))
+               for i, s in enumerate(holds)]
+    cad = CAD(spec, TrainConfig(), devices, depth=1, groups=3)
+    plain = CAD(spec, TrainConfig(), devices, depth=1)
+    dec = cad.decoupling
+    assert dec.spec.layers[-1].groups == (2, 2, 2)
+    assert {dec.spec.class_ids[0:2], dec.spec.class_ids[2:4], dec.spec.class_ids[4:6]} == \
+        {(0, 3), (1, 4), (2, 5)}
+    state = cad.initial_state(dense)
+    payload = dict(cad.configure_train(1, state, [0]))[0]
+    conv = dec.spec.names[dec.first]
+    assert payload.spec.layer(conv).out_ch == dec.spec.layer(conv).out_ch // 3  # one group
+    sub_plain = dict(plain.configure_train(1, plain.initial_state(dense), [0]))[0]
+    # One path of the group's width where plain CAD sends two of half of it.
+    width = payload.spec.layer(conv).out_ch
+    assert payload.spec.layer(conv).groups == (width,)
+    assert sub_plain.spec.layer(conv).groups == (width // 2, width // 2)
+    x = torch.randn(7, *spec.input_shape)
+    with torch.no_grad():
+        full = load_model(dec.spec, cad.global_model(state)[1]).eval()(x)
+        sub = load_model(payload.spec, payload.state).eval()(x)
+    cols = [dec.spec.class_ids.index(c) for c in payload.spec.class_ids]
+    assert payload.spec.class_ids == (0, 3)
+    assert torch.allclose(sub, full[:, cols], atol=1e-6)
+
+
+def test_cad_with_class_groups_runs_end_to_end_with_path_paired_groups(tmp_path, digits):
+    import json
+
+    from cadfl.config import load_config
+    from cadfl.engine.run import run_experiment
+
+    def last(*extra):
+        cfg = load_config(None, ["devices=4", "rounds=2", "data_fraction=0.5",
+                                 'algorithms=["cad"]', *extra])
+        out = tmp_path / ("-".join(extra) or "plain")
+        run_experiment(cfg, out, quiet=True, dataset=digits)
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+
+    plain, grouped = last(), last("cad.groups=3")
+    assert 0.0 < grouped["global_acc"] <= 1.0 and 0.0 < grouped["context_acc"] <= 1.0
+    assert grouped["global_acc"] != plain["global_acc"]

@@ -24,6 +24,9 @@ forward pass, no augmentation; FedRep's head-first step at a fraction of its cos
 trains the received sub-model as plain CAD does. It predicts with its copy; the cloud's
 model, its aggregation and the bytes sent are plain CAD's. `path_lr` trains the decoupled
 layers at that factor of the learning rate (their rows see fewer devices than the trunk).
+With `groups` = G > 0, there are G paths, each for a group of classes chosen from which
+classes devices hold together (`cadfl.cad.grouping`): a device receives the paths of its
+classes' groups, wider and fewer than one per class.
 
 Each path is trained by other devices, so the logit scales of the global model differ across
 classes. `calibrate` = tau > 0 divides each class's logit row of the global model by its
@@ -51,6 +54,7 @@ from ..cad.assign import (
     to_decoupled,
 )
 from ..cad.decouple import Decoupling, conv_indices, decouple
+from ..cad.grouping import GROUPINGS, class_groups
 from ..cad.grow import grow_dense, grow_paths, grow_state
 from ..cad.preference import class_means, preferred_class, selectivity, suggest_depth
 from ..cad.submodel import extract, index_map, row_weights
@@ -81,6 +85,8 @@ class CADOptions:
     personal_epochs: int = 5  # epochs fitting that copy on frozen features, each round
     path_lr: float = 1.0  # the class paths' learning rate, as a factor of train.lr
     calibrate: float = 0.0  # tau: the global model's logit rows over their norm ** tau
+    groups: int = 0  # paths for groups of classes (0: one per class, the paper's)
+    grouping: str = "cooccur"  # which classes share a group: "cooccur" on devices, "even"
 
     def check(self, cfg: Any) -> None:
         """ValueError naming the field if a value is out of range (`cfg.rounds` bounds the
@@ -99,6 +105,11 @@ class CADOptions:
         check_range("cad.personal_epochs", self.personal_epochs, 1)
         check_range("cad.path_lr", self.path_lr, 0, low_open=True)
         check_range("cad.calibrate", self.calibrate, 0, 2)
+        check_range("cad.groups", self.groups, 0)
+        check_one_of("cad.grouping", self.grouping, GROUPINGS)
+        if self.groups and self.assign != "prior":
+            raise ValueError("cad.groups needs cad.assign = \"prior\" (the activation "
+                             "assignment gives every class a path of its own)")
         if self.assign == "activation" and not (self.warmup_rounds or self.checkpoint):
             raise ValueError("cad.assign='activation' needs a trained model: set "
                              "cad.warmup_rounds >= 1 or cad.checkpoint to a dense .safetensors")
@@ -157,7 +168,7 @@ class CAD(Strategy):
                    selectivity_threshold=o.selectivity_threshold,
                    others=setting.other if o.others else None, personal=o.personal,
                    personal_epochs=o.personal_epochs, path_lr=o.path_lr,
-                   calibrate=o.calibrate)
+                   calibrate=o.calibrate, groups=o.groups, grouping=o.grouping)
 
     @staticmethod
     def answers_others(options: CADOptions | None) -> bool:
@@ -170,8 +181,18 @@ class CAD(Strategy):
                  warmup_rounds: int = 0, pretrained: State | None = None,
                  selectivity_threshold: float = 0.3, others: int | None = None,
                  personal: int = 0, personal_epochs: int = 5, path_lr: float = 1.0,
-                 calibrate: float = 0.0) -> None:
+                 calibrate: float = 0.0, groups: int = 0, grouping: str = "cooccur") -> None:
         self.others, self.plain_spec = others, spec
+        k = spec.num_classes
+        if not 0 <= groups < k:
+            raise ValueError(f"cad.groups={groups} is out of range for {k} classes: allowed 0 "
+                             f"(a path per class) or 1 to {k - 1}")
+        # Set before decoupling: the class order and classes per group (Others alone last).
+        self.path_groups = None
+        if groups:
+            order, sizes = class_groups([d.classes for d in devices], k, groups, grouping)
+            extra = () if others is None else (others,)
+            self.path_groups = (order + extra, sizes + (1,) * len(extra))
         if others is not None:
             spec = with_classes(spec, (others,))
         super().__init__(spec, train, devices, bn=bn, robust=robust)
@@ -189,8 +210,13 @@ class CAD(Strategy):
             self._enter_decoupled()
 
     def _decouple(self, depth: int) -> Decoupling:
-        """The dense model decoupled from `depth` on: one path per class."""
-        return decouple(self.dense_spec, self.dense_spec.num_classes, depth)
+        """The dense model decoupled from `depth` on: one path per class, or per group of
+        classes (logits in the groups' class order)."""
+        if self.path_groups is None:
+            return decouple(self.dense_spec, self.dense_spec.num_classes, depth)
+        order, sizes = self.path_groups
+        dense = self.dense_spec.replace_layers(list(self.dense_spec.layers), order)
+        return decouple(dense, len(order), depth, sizes)
 
     def _enter_decoupled(self) -> None:
         assert self.decoupling is not None
@@ -248,7 +274,10 @@ class CAD(Strategy):
     def device_classes(self, device: int) -> tuple[int, ...]:
         """The classes whose paths a device receives: its own context (and Others)."""
         own = self.devices[device].classes
-        return own if self.others is None else (*own, self.others)
+        classes = own if self.others is None else (*own, self.others)
+        if self.path_groups is None:
+            return classes
+        return tuple(sorted(classes, key=self.decoupling.logit_of))  # a group's together
 
     def device_outputs(self, device: int) -> tuple[int, ...] | None:
         """A device's sub-model answers among its classes (and Others) only; the dense model
