@@ -51,6 +51,7 @@ class Algorithm:
 
     overrides: tuple[str, ...]
     source: str
+    last_rounds: int | None = None  # its own span of final rounds scored (else the setting's)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ def _fedrep_setting(k: int, fedrep_epochs: tuple[int, int], script: str) -> Sett
                                 "train.weight_decay=0.0"),
                                f"{FEDREP} main_local.py: each user alone for --epochs "
                                "(utils/options.py default 10) epochs, momentum 0.5, no weight "
-                               "decay; here 10 rounds of 1 epoch, every device each round"),
+                               "decay, scored once after; here 10 rounds of 1 epoch, every "
+                               "device each round, the last scored", last_rounds=1),
             "cad": Algorithm(("train.epochs=1",),
                              "not in the paper: cadfl's CAD given FedAvg's local work (1 "
                              "epoch), the preset's depth 1 (the last conv layer in class "
@@ -219,9 +221,9 @@ def report(names: list[str]) -> str:
                 rows.append(f"| {algo} | not run yet | | | | | | {a.source} |")
                 continue
             cfg = config_of(name, algo, next(iter(per_seed)))
-            opened = [final_score(v, "context_open_acc", s.last_rounds)
-                      for v in per_seed.values()]
-            within = [final_score(v, "context_acc", s.last_rounds) for v in per_seed.values()]
+            span = a.last_rounds or s.last_rounds
+            opened = [final_score(v, "context_open_acc", span) for v in per_seed.values()]
+            within = [final_score(v, "context_acc", span) for v in per_seed.values()]
             published = s.published.get(algo)
             spent = [w for seed in per_seed if (w := walls[f"seed-{seed}-{algo}"]) is not None]
             precision = ", ".join(sorted({m["precision"] for v in per_seed.values() for m in v}))
