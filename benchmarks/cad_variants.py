@@ -39,7 +39,10 @@ VARIANTS = {
     "fast-paths": ("cad.path_lr=3",),  # class paths at 3x the rate (faster early rounds)
     "calibrated": ("cad.calibrate=1",),  # the global logit rows over their norms
     "groups-5": ("cad.groups=5",),  # 5 paths, each for 2 classes devices hold together
+    # the combination: groups for what devices learn together, personal for each one's own
+    "groups-5+personal-2": ("cad.groups=5", "cad.personal=2"),
 }
+SETTINGS = ("digits", "xdev-2cls", "xdev-5cls", "paper-flcnn")
 DIGITS_LRS = (0.03, 0.1, 0.3)  # compare.py's digits setting was tuned into its preset
 
 
@@ -180,8 +183,7 @@ def report(names: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--settings", nargs="+", default=["digits", "xdev-2cls", "xdev-5cls",
-                                                           "paper-flcnn"],
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS),
                         choices=list(compare.SETTINGS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -191,8 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.settings:
             for variant in args.variants:
                 run_variant(name, variant, args.seeds)
-            report(args.settings)
-    report(args.settings)
+            report(list(SETTINGS))
+    report(list(SETTINGS))
 
 
 if __name__ == "__main__":
