@@ -189,12 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--report-only", action="store_true", help="only write the report")
     args = parser.parse_args(argv)
+    shown = list(dict.fromkeys([*SETTINGS, *args.settings]))  # every section, not just these
     if not args.report_only:
         for name in args.settings:
             for variant in args.variants:
                 run_variant(name, variant, args.seeds)
-            report(list(SETTINGS))
-    report(list(SETTINGS))
+            report(shown)
+    report(shown)
 
 
 if __name__ == "__main__":

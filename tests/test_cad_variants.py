@@ -56,7 +56,7 @@ def test_every_variant_is_swept_and_run_and_reported_from_its_own_runs(tmp_path,
     personal = load_first_config(tmp_path / "runs" / "tiny" / "personal" / "seed-0")
     assert personal.options_of("cad").personal == 1
     monkeypatch.setattr(cad_variants, "RUNS", tmp_path / "gone")  # a clean checkout
-    assert cad_variants.report(["tiny"]) == text
+    assert cad_variants.report([*cad_variants.SETTINGS, "tiny"]) == text
 
 
 def load_first_config(run_dir):
