@@ -12,8 +12,9 @@ import cad_variants  # noqa: E402
 import compare  # noqa: E402
 
 
-def row(algo, context, global_, gflops, mb, reached):
-    return {"algorithm": algo, "last_context_value": context, "last_global_value": global_,
+def row(algo, context, global_, gflops, mb, reached, family="global"):
+    return {"algorithm": algo, "family": family, "last_context_value": context,
+            "last_global_value": global_,
             "gflops": gflops, "mb": mb, "reached_rounds": reached,
             "reached": ", ".join("-" if r is None else str(r) for r in reached)}
 
@@ -21,7 +22,8 @@ def row(algo, context, global_, gflops, mb, reached):
 def test_goals_hold_or_not_from_the_numbers():
     best = row("cad", 0.70, 0.50, 10.0, 1.0, [5, 7])
     peers = [row("fedrep", 0.69, None, 30.0, 10.0, [None, None]),
-             row("fedavg", 0.60, 0.49, 40.0, 20.0, [6, 7])]
+             row("fedavg", 0.60, 0.49, 40.0, 20.0, [6, 7]),
+             row("central", 0.90, 0.80, 400.0, 0.0, [1, 1], family="reference")]
     said = cad_variants.goals(best, peers)
     assert said[0].startswith("leads every peer on last context accuracy: holds (0.700 against "
                               "fedrep's 0.690)")
@@ -30,8 +32,13 @@ def test_goals_hold_or_not_from_the_numbers():
     assert said[2] == "global accuracy at least FedAvg's: holds (last 0.500 against 0.490)"
     assert said[3] == ("reaches the target no later than FedAvg: holds (rounds 5, 7 against "
                        "6, 7)")
-    late = cad_variants.goals(row("cad", 0.5, 0.4, 20, 3, [5, None]), peers)
-    assert all("does not hold" in g for g in late)
+    slow = row("cad", 0.5, 0.4, 20, 3, [5, None])
+    assert all("does not hold" in g for g in cad_variants.goals(slow, peers))
+    never = [row("fedavg", 0.60, 0.49, 40.0, 20.0, [6, None])]
+    assert cad_variants.goals(best, never)[-1].startswith(
+        "reaches the target no later than FedAvg: holds")
+    assert cad_variants.goals(slow, never)[-1].startswith(
+        "reaches the target no later than FedAvg: cannot tell")
 
 
 def test_every_variant_is_swept_and_run_and_reported_from_its_own_runs(tmp_path, monkeypatch):
