@@ -26,6 +26,7 @@ import compare  # noqa: E402
 
 from cadfl.config import config_from_dict, load_config  # noqa: E402
 from cadfl.engine.run import read_metrics  # noqa: E402
+from cadfl.fl.cad import PAPER  # noqa: E402
 from cadfl.sweep import run_sweep  # noqa: E402
 
 ROOT = compare.ROOT
@@ -49,7 +50,10 @@ DIGITS_LRS = (0.03, 0.1, 0.3)  # compare.py's digits setting was tuned into its 
 def _base(name: str, variant: str) -> tuple[str, list[str], tuple[float, ...], int]:
     """Preset, overrides (CAD alone, the variant's options), lr grid and rounds."""
     s = compare.SETTINGS[name]
-    path, overrides = compare.base_config(name, ('algorithms=["cad"]', *VARIANTS[variant]))
+    # Each variant is plain CAD with its own options: never the defaults beyond the paper.
+    plain = ('cad.variant="cadfl"', *(f"cad.{k}={v}" for k, v in PAPER.items()))
+    path, overrides = compare.base_config(name, ('algorithms=["cad"]', *plain,
+                                                 *VARIANTS[variant]))
     rounds = s.sweep_rounds or load_config(path, overrides).rounds
     return path, overrides, s.lrs or DIGITS_LRS, rounds
 
@@ -127,6 +131,40 @@ def goals(best: dict, peers: list[dict]) -> list[str]:
     return out
 
 
+def default_variant(validated: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
+    """The variant that wins on validation across settings, from each setting's validated
+    scores per variant: the highest mean gain over plain CAD (`paper`) across the settings
+    where both were swept; plain CAD where no variant gains on average. Also each variant's
+    mean gain (accuracy points)."""
+    gains = {}
+    for variant in dict.fromkeys(v for scores in validated.values() for v in scores):
+        diffs = [s[variant] - s["paper"] for s in validated.values()
+                 if variant in s and "paper" in s]
+        if diffs:
+            gains[variant] = 100 * sum(diffs) / len(diffs)
+    best = max(gains, key=gains.get, default="paper")
+    return (best if gains.get(best, 0.0) > 0 else "paper"), gains
+
+
+def across(validated: dict[str, dict[str, float]]) -> str:
+    """The report's closing section: validated scores per variant and setting, the mean
+    gain over plain CAD, and the variant that becomes CAD's default."""
+    chosen, gains = default_variant(validated)
+    names = list(validated)
+    head = ("| CAD variant | " + " | ".join(names) + " | mean gain over plain (points) |\n|"
+            + "---|" * (len(names) + 2))
+    body = [f"| {v} | " + " | ".join(f"{validated[n][v]:.3f}" if v in validated[n] else "-"
+                                     for n in names) + f" | {gains[v]:+.2f} |"
+            for v in gains]
+    return ("## Across settings: CAD's default\n\n"
+            "The variant that wins on validation across settings becomes CAD's default: the "
+            "highest mean gain of the validated score over plain CAD's across the settings "
+            "(the rule was fixed before the last setting ran; plain CAD stays the default "
+            "where no variant gains on average). Validated scores (the sweep's score of the "
+            "chosen rate: the mean of global and context accuracy on held-out images):\n\n"
+            f"{head}\n" + "\n".join(body) + f"\n\nDefault: `{chosen}`.\n")
+
+
 def report(names: list[str]) -> str:
     """docs/results/cad-variants.md: per setting, the variants' rows, the peers', the goals."""
     parts = ["# CAD variants\n",
@@ -138,6 +176,8 @@ def report(names: list[str]) -> str:
              "rows are those of `docs/results/compare` (their own tuned runs).\n",
              "Variants: " + "; ".join(f"`{v}`: {' '.join(o) or 'plain CAD (the paper)'}"
                                       for v, o in VARIANTS.items()) + ".\n"]
+    validated: dict[str, dict[str, float]] = {}
+    chosen: dict[str, dict] = {}  # per setting: the best validated variant and its rate
     for name in names:
         found = collect(name)
         parts.append(f"## {name}\n\n{compare.SETTINGS[name].what}.\n")
@@ -161,7 +201,10 @@ def report(names: list[str]) -> str:
             row = compare.summary_row("cad", per_seed, cfg)
             row.update(variant=variant, validated=_validated(sweep) if sweep else math.nan)
             rows.append(row)
+            if sweep:
+                validated.setdefault(name, {})[variant] = row["validated"]
         peers = compare.table(PEERS_OUT, name)[1] if (PEERS_OUT / name).exists() else []
+        peers = [p for p in peers if p["family"] != "cad"]  # CAD's rows are the variants'
         head = ("| CAD variant | validated | tuned lr | best global | last global | best context "
                 "| last context | round reaching target | MB/device/round | "
                 "device GFLOPs/round | health |\n|" + "---|" * 11)
@@ -172,15 +215,20 @@ def report(names: list[str]) -> str:
         body += [f"| {r['algorithm']} (peer) | | {r['lr']:g} | {r['best_global']} | "
                  f"{r['last_global']} | {r['best_context']} | {r['last_context']} | "
                  f"{r['reached']} | {r['mb']:.2f} | {r['gflops']:.2f} | {r['health']} |"
-                 for r in peers if r["algorithm"] != "cad"]
+                 for r in peers]
         best = max(rows, key=lambda r: -math.inf if math.isnan(r["validated"]) else
                    r["validated"])
-        said = goals(best, [p for p in peers if p["algorithm"] != "cad"]) if peers else []
+        chosen[name] = {"variant": best["variant"], "lr": best["lr"]}
+        said = goals(best, peers) if peers else []
         parts.append(f"{head}\n" + "\n".join(body) + "\n\n"
                      f"Best validated variant: `{best['variant']}`, seeds {best['seeds']}.\n"
                      + "".join(f"- {g}\n" for g in said))
+    parts.append(across(validated))
     text = "\n".join(parts)
     OUT.mkdir(parents=True, exist_ok=True)
+    # What benchmarks/compare.py puts beside plain CAD in the main results tables.
+    (OUT / "best.json").write_text(json.dumps(
+        {"default": default_variant(validated)[0], "settings": chosen}, indent=1) + "\n")
     (OUT.parent / "cad-variants.md").write_text(text)
     return text
 

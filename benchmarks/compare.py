@@ -57,6 +57,8 @@ from cadfl.sweep import run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "compare"  # run directories of the default OUT (not committed)
+# Written by benchmarks/cad_variants.py: CAD's default variant, and each setting's best.
+VARIANTS_BEST = ROOT / "docs" / "results" / "cad-variants" / "best.json"
 PEERS = ["cad", "fed2", "heterofl", "fedrolex", "fedavg", "fedprox", "scaffold", "fedper",
          "fedrep", "ditto", "local"]
 
@@ -82,8 +84,9 @@ EVAL = ("eval_every=2", "test_fraction=0.2")
 XDEV = ("rounds=40", "eval_every=5", "test_fraction=0.2")
 SETTINGS = {
     "digits": Setting(
-        "digits-demo.toml", ("seed=0",), tuple(PEERS), (), 0,
-        "the embedded default: digits, 10 devices x 5 classes, 30 rounds, every algorithm at "
+        "digits-10x5.toml", ("seed=0",), tuple(PEERS), (), 0,
+        "the built-in defaults (the embedded demo before issue 25): digits, 10 devices x 5 "
+        "classes, all take part, 30 rounds, every algorithm at "
         "the learning rate its validation sweep chose (docs/results/sweep-digits)"),
     # 5 algorithms chose 0.01 of (0.01, 0.03, 0.1), the lower edge: 0.003 was added.
     "paper-flcnn": Setting(
@@ -110,10 +113,12 @@ SETTINGS = {
 
 
 def base_config(name: str, extra: tuple[str, ...] = ()) -> tuple[str, list[str]]:
-    """The preset path and overrides of a setting (`extra` last)."""
+    """The preset path and overrides of a setting (`extra` last). CAD runs as the paper's
+    method; its variants are benchmarks/cad_variants.py's."""
     s = SETTINGS[name]
     algos = "[" + ", ".join(f'"{a}"' for a in s.algorithms) + "]"
-    return str(ROOT / "configs" / s.preset), [*s.overrides, f"algorithms={algos}", *extra]
+    return str(ROOT / "configs" / s.preset), [*s.overrides, f"algorithms={algos}",
+                                              'cad.variant="paper"', *extra]
 
 
 def plan(names: list[str], seeds: int, precision: str = "auto", rounds: int = 1) -> None:
@@ -348,7 +353,8 @@ def summary_row(algo: str, per_seed: dict[int, list[dict]], cfg: Config) -> dict
     reached = [next((m["round"] for m in lines if m[key] is not None and m[key] >= target),
                     None) for lines in per_seed.values()]
     return {
-        "algorithm": algo, "family": ALGORITHMS[algo].family,
+        "algorithm": algo, "shown": "cad (paper)" if algo == "cad" else algo,
+        "family": ALGORITHMS[algo].family,
         "judged_by": ALGORITHMS[algo].judged_by,
         "lr": cfg.for_algorithm(algo).train.lr,
         "seeds": sorted(per_seed), "rounds": cfg.rounds,
@@ -372,16 +378,38 @@ def summary_row(algo: str, per_seed: dict[int, list[dict]], cfg: Config) -> dict
     }
 
 
+def variant_row(out: Path, name: str) -> dict | None:
+    """The row of CAD's default variant in the setting (the one that won on validation across
+    settings: benchmarks/cad_variants.py's runs, kept in docs/results/cad-variants), when it
+    is not plain CAD and ran there; None otherwise."""
+    if not VARIANTS_BEST.exists():
+        return None
+    variant = json.loads(VARIANTS_BEST.read_text())["default"]
+    kept = VARIANTS_BEST.parent / name / variant
+    per_seed = {int(p.stem.split("-")[1]): read_metrics(p) for p in sorted(kept.glob("seed-*"))}
+    if variant == "paper" or not per_seed:
+        return None
+    lr = json.loads((kept / "sweep.json").read_text())["points"]
+    best = json.loads((kept / "sweep.json").read_text())["best"]["cad"]
+    row = summary_row("cad", per_seed, _run_config(out, name, "cad"))
+    row.update(shown=f"cad, {variant} (cadfl's default)", lr=lr[best][0])
+    return row
+
+
 def table(out: Path, name: str) -> tuple[str, list[dict]]:
-    """The setting's results table (markdown) and its rows."""
+    """The setting's results table (markdown) and its rows: plain CAD's (the paper's method,
+    `cad.variant = "paper"`) and, beside it, that of cadfl's default variant of CAD."""
     runs = collect(out, name)
     rows = [summary_row(algo, runs[algo], _run_config(out, name, algo))
             for algo in SETTINGS[name].algorithms if algo in runs]
+    extra = variant_row(out, name) if rows else None
+    if extra is not None:
+        rows.insert(1, extra)
     head = ("| algorithm | family | judged by | tuned lr | best global | last global | "
             "best context | last context | round reaching target | MB/device/round | "
             "device GFLOPs/round | train s/round | health |\n|" + "---|" * 13)
     body = "\n".join(
-        f"| {r['algorithm']} | {r['family']} | {r['judged_by']} | {r['lr']:g} | "
+        f"| {r.get('shown', r['algorithm'])} | {r['family']} | {r['judged_by']} | {r['lr']:g} | "
         f"{r['best_global']} | {r['last_global']} | {r['best_context']} | "
         f"{r['last_context']} | {r['reached']} | {r['mb']:.2f} | {r['gflops']:.2f} | "
         f"{r['wall']:.1f} | {r['health']} |" for r in rows)

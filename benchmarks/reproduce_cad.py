@@ -40,7 +40,7 @@ from cadfl.engine.run import read_metrics, run_experiment  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 ALGORITHMS = ["cad", "fed2", "fedavg", "fedprox"]
 PRESETS = {"alexnet": "cifar10-alexnet-5cls.toml", "vgg16": "cifar10-vgg16-5cls.toml",
-           "digits": "digits-demo.toml"}
+           "digits": "digits-10x5.toml"}
 SCALES = {
     "cpu": {"alexnet": ["data_fraction=0.1", "rounds=16", "eval_every=2", "test_fraction=0.2"],
             "vgg16": ["data_fraction=0.05", "rounds=12", "eval_every=2", "test_fraction=0.2"],
@@ -57,7 +57,7 @@ def run_one(model: str, seed: int, scale: str, algorithms: list[str], out: Path)
     if (out / "config.toml").exists():
         cfg = load_config(out / "config.toml")
         return run_experiment(cfg, out, resume=True, quiet=True)
-    overrides = [*SCALES[scale][model], f"seed={seed}",
+    overrides = [*SCALES[scale][model], f"seed={seed}", 'cad.variant="paper"',  # as published
                  "algorithms=[" + ",".join(f'"{a}"' for a in algorithms) + "]"]
     cfg = load_config(ROOT / "configs" / PRESETS[model], overrides)
     return run_experiment(cfg, out, quiet=True)

@@ -1,8 +1,10 @@
 """The run configuration: one validated object from a TOML file plus `--set key=value` overrides.
 
 Every field has a type and an allowed range; a bad value fails before any work starts, with the
-field's dotted name and what is allowed. The defaults are the embedded demo (digits, 10 devices
-x 5 classes, a few dozen rounds): `cadfl run` with no config runs it. The tables below the top
+field's dotted name and what is allowed. The defaults (digits, 10 devices x 5 classes, written
+out in configs/digits-10x5.toml) are what every file and override starts from; `cadfl run`
+with no config runs the embedded demo, `DEMO`: the mission's cross-device setting. The tables
+below the top
 level are `cadfl.config_tables` and, for `[train]`, `cadfl.fl.payload.TrainConfig`: each checks
 its own values.
 """
@@ -39,6 +41,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+# The embedded demo: what `cadfl run`, `cadfl sweep` and the Flower app run with no config.
+DEMO = Path(__file__).with_name("demo.toml")
+
+
 class ConfigError(ValueError):
     """A config value that is missing, of the wrong type or out of range."""
 
@@ -48,9 +54,9 @@ class ConfigError(ValueError):
 OVERRIDABLE = ("train",)
 
 
-# Each algorithm's learning rate on the embedded default, chosen on validation data by
-# `cadfl sweep` (docs/results/sweep-digits: 30 rounds, lr 0.01-0.2; 0.2-0.5 for the sub-model
-# peers, whose best was at the top of the first grid).
+# Each algorithm's learning rate on the built-in defaults (10 devices x 5 classes), chosen on
+# validation data by `cadfl sweep` (docs/results/sweep-digits: 30 rounds, lr 0.01-0.2; 0.2-0.5
+# for the sub-model peers, whose best was at the top of the first grid).
 DIGITS_LR = {"cad": 0.02, "fed2": 0.02, "fedavg": 0.02, "fedprox": 0.02, "scaffold": 0.05,
              "fedper": 0.02, "fedrep": 0.05, "ditto": 0.02, "heterofl": 0.5, "fedrolex": 0.5,
              "local": 0.01, "central": 0.01}
@@ -304,8 +310,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """The validated config: defaults, then the TOML file (if any), then the overrides.
 
-    Per-algorithm `[overrides.NAME]` belong to an experiment: the embedded default (no file)
-    has the learning rates tuned for it, a file has those it lists and no others.
+    Per-algorithm `[overrides.NAME]` belong to an experiment: the built-in defaults (no file)
+    have the learning rates tuned for them, a file has those it lists and no others.
     """
     data: dict[str, Any] = {"overrides": Config().overrides}
     if path is not None:

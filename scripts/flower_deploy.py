@@ -5,7 +5,7 @@ timeout or Ctrl-C).
 
     .venv/bin/python scripts/flower_deploy.py --set devices=2 --set rounds=2 \\
         --set 'algorithms=["cad"]' --out runs/deploy-demo
-    .venv/bin/python scripts/flower_deploy.py configs/digits-demo.toml --out runs/deploy-tls \\
+    .venv/bin/python scripts/flower_deploy.py configs/digits-10x5.toml --out runs/deploy-tls \\
         --ssl-certfile server.pem --ssl-keyfile server.key --ssl-ca-certfile ca.pem
 
 The run directory gets what `cadfl run` writes, plus logs/ (one log per daemon and the

@@ -297,3 +297,35 @@ def test_cad_with_class_groups_runs_end_to_end_with_path_paired_groups(tmp_path,
     plain, grouped = last(), last("cad.groups=3")
     assert 0.0 < grouped["global_acc"] <= 1.0 and 0.0 < grouped["context_acc"] <= 1.0
     assert grouped["global_acc"] != plain["global_acc"]
+
+
+def test_cad_variant_paper_runs_plain_cad_whatever_the_defaults_of_the_options_beyond_it(
+        tmp_path, digits, monkeypatch):
+    import json
+    from dataclasses import fields
+
+    from cadfl.config import load_config
+    from cadfl.engine.run import run_experiment
+    from cadfl.fl.cad import CADOptions
+
+    def lines(*extra):
+        cfg = load_config(None, ["devices=4", "rounds=2", "data_fraction=0.5",
+                                 'algorithms=["cad"]', *extra])
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        run_experiment(cfg, out, quiet=True, dataset=digits)
+        keep = ("global_acc", "context_acc", "bytes_down", "device_train_flops")
+        return [{k: m[k] for k in keep} for m in map(json.loads, open(out / "metrics.jsonl"))]
+
+    # The paper's method spelled out option by option, before any default moves.
+    plain = lines("cad.personal=0", "cad.groups=0", "cad.calibrate=0", "cad.path_lr=1")
+    # Defaults beyond the paper (as a winning variant would set them): "paper" turns them off.
+    beyond = {"groups": 3, "calibrate": 1.0, "path_lr": 3.0, "personal": 1}
+    names = [f.name for f in fields(CADOptions)]
+    defaults = {**dict(zip(names, CADOptions.__init__.__defaults__, strict=True)), **beyond}
+    monkeypatch.setattr(CADOptions.__init__, "__defaults__", tuple(defaults[n] for n in names))
+    for key, value in beyond.items():
+        monkeypatch.setattr(CADOptions, key, value)
+    assert lines('cad.variant="paper"') == plain
+    assert lines() != plain
+    with pytest.raises(ValueError, match=r"cad.variant = \"paper\" is plain CAD.*cad.groups"):
+        load_config(None, ['cad.variant="paper"', "cad.groups=2"])

@@ -42,7 +42,7 @@ def test_goals_hold_or_not_from_the_numbers():
 
 
 def test_every_variant_is_swept_and_run_and_reported_from_its_own_runs(tmp_path, monkeypatch):
-    tiny = compare.Setting("digits-demo.toml", ("devices=4", "rounds=2", "data_fraction=0.3",
+    tiny = compare.Setting("digits-10x5.toml", ("devices=4", "rounds=2", "data_fraction=0.3",
                                                 "eval_every=1"),
                            ("cad",), (0.05, 0.2), 2, "digits, 4 devices, 2 rounds (a test)")
     monkeypatch.setitem(compare.SETTINGS, "tiny", tiny)
@@ -62,6 +62,8 @@ def test_every_variant_is_swept_and_run_and_reported_from_its_own_runs(tmp_path,
         assert f"| **{variant}** |" in text and cell in text.split(f"**{variant}**")[1]
     personal = load_first_config(tmp_path / "runs" / "tiny" / "personal" / "seed-0")
     assert personal.options_of("cad").personal == 1
+    # A variant is plain CAD plus its own options, not plus cadfl's defaults beyond the paper.
+    assert personal.options_of("cad").calibrate == 0.0
     monkeypatch.setattr(cad_variants, "RUNS", tmp_path / "gone")  # a clean checkout
     assert cad_variants.report([*cad_variants.SETTINGS, "tiny"]) == text
 
@@ -70,3 +72,14 @@ def load_first_config(run_dir):
     from cadfl.config import load_config
 
     return load_config(str(run_dir / "config.toml"))
+
+
+def test_the_default_variant_is_the_highest_mean_validated_gain_over_plain_cad():
+    validated = {"a": {"paper": 0.50, "x": 0.52, "y": 0.60},
+                 "b": {"paper": 0.70, "x": 0.71, "y": 0.55},
+                 "c": {"paper": 0.40, "x": 0.40}}  # y not swept here: its mean is over a, b
+    chosen, gains = cad_variants.default_variant(validated)
+    # x: (2 + 1 + 0) / 3 = +1.0 points; y: (10 - 15) / 2 = -2.5 points.
+    assert chosen == "x" and abs(gains["x"] - 1.0) < 1e-9 and abs(gains["y"] + 2.5) < 1e-9
+    worse = {"a": {"paper": 0.5, "x": 0.49}}
+    assert cad_variants.default_variant(worse)[0] == "paper"  # no gain: plain CAD stays

@@ -15,7 +15,7 @@ import compare  # noqa: E402
 from cadfl.config import load_config  # noqa: E402
 
 TINY = compare.Setting(
-    "digits-demo.toml", ("devices=4", "rounds=2", "data_fraction=0.3", "eval_every=1"),
+    "digits-10x5.toml", ("devices=4", "rounds=2", "data_fraction=0.3", "eval_every=1"),
     ("cad", "fedavg"), (0.05, 0.2), 1, "digits, 4 devices, 2 rounds (a test)")
 
 

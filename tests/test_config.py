@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cadfl.cli import main
-from cadfl.config import Config, ConfigError, load_config, parse_override, validate
+from cadfl.config import DEMO, Config, ConfigError, load_config, parse_override, validate
 from cadfl.fl.payload import TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -47,16 +47,25 @@ def test_the_train_table_is_the_devices_train_config():
     assert list(Config().to_dict()["train"]) == list(TrainConfig.SETTINGS)
 
 
-def test_digits_demo_preset_is_exactly_the_defaults():
-    path = CONFIGS / "digits-demo.toml"
+def test_digits_10x5_preset_is_exactly_the_built_in_defaults():
+    path = CONFIGS / "digits-10x5.toml"
     assert load_config(path) == Config()
     # Every setting is written out, so a new default shows up here until the preset has it.
     assert leaf_keys(tomllib.loads(path.read_text())) == leaf_keys(Config().to_dict())
 
 
+def test_embedded_demo_is_the_cross_device_setting_with_every_setting_and_its_tuned_rates():
+    demo = load_config(DEMO)
+    # Many devices, a few classes each, a tenth taking part: the mission's setting.
+    assert demo.devices >= 100 and demo.partition.k <= 2 and demo.sampled_per_round() == 10
+    settings = {k for k in leaf_keys(tomllib.loads(DEMO.read_text())) if "overrides" not in k}
+    assert settings == {k for k in leaf_keys(Config().to_dict()) if "overrides" not in k}
+    assert set(demo.algorithms) <= set(demo.overrides)  # each at its own validated rate
+
+
 def test_there_are_presets():
     names = {p.name for p in PRESETS}
-    assert {"digits-demo.toml", "cifar10-alexnet-5cls.toml", "cifar10-vgg16-5cls.toml"} <= names
+    assert {"digits-10x5.toml", "cifar10-alexnet-5cls.toml", "cifar10-vgg16-5cls.toml"} <= names
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)

@@ -11,9 +11,10 @@ import time
 import pytest
 
 from cadfl.cli import main
+from tests import BASE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ARGS = ["run", "--quiet", "--set", "rounds=5", "--set", 'algorithms=["fedavg","cad"]',
+ARGS = ["run", BASE, "--quiet", "--set", "rounds=5", "--set", 'algorithms=["fedavg","cad"]',
         "--set", "devices=4", "--set", "data_fraction=0.5"]
 
 

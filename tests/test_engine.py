@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from cadfl.cli import main
-from cadfl.config import Config, load_config
+from cadfl.config import DEMO, Config, load_config
 from cadfl.device.score import predict
 from cadfl.device.store import DeviceStore, with_kept
 from cadfl.device.train import DeviceData, train_local
@@ -301,29 +301,29 @@ def test_keep_local_bn_scores_each_device_with_its_own_statistics(digits):
 # The embedded default
 
 
-def test_embedded_default_run_via_cli(tmp_path):
-    # Its wall time (about 35 s on 2 cores) is reported in the README, not asserted: this
-    # machine is shared and noisy.
-    out = tmp_path / "default"
-    assert main(["run", "--out", str(out), "--quiet"]) == 0
+def test_embedded_demo_runs_via_cli_with_no_config(tmp_path):
+    # The demo's first 12 rounds (its wall time, about two minutes for 40 on 2 cores, is
+    # reported in the README, not asserted: this machine is shared and noisy).
+    out = tmp_path / "demo"
+    assert main(["run", "--out", str(out), "--quiet", "--set", "rounds=12"]) == 0
 
     for name in ("config.toml", "partition.json", "metrics.jsonl", "summary.md", "curves.png"):
         assert (out / name).stat().st_size > 0, name
-    assert load_config(out / "config.toml") == Config()
-    defaults = Config()
-    for name in defaults.algorithms:
-        assert (out / "checkpoints" / f"{name}.safetensors").exists()
-        assert load_checkpoint(out / "checkpoints", name)[1]["round"] == defaults.rounds
+    demo = load_config(DEMO, ["rounds=12"])
+    assert load_config(out / "config.toml") == demo
+    for name in demo.algorithms:
+        assert load_checkpoint(out / "checkpoints", name)[1]["round"] == 12
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == defaults.rounds * len(defaults.algorithms)
-    fedavg = [m["global_acc"] for m in lines if m["algorithm"] == "fedavg"]
-    assert fedavg[-1] > 0.5, fedavg  # 10 classes: chance is 0.1
-    assert fedavg[-1] > fedavg[0]
+    assert len(lines) == 12 * len(demo.algorithms)
+    fedavg = [m["global_acc"] for m in lines
+              if m["algorithm"] == "fedavg" and m["global_acc"] is not None]
+    assert len(fedavg) == 12 // demo.eval_every and fedavg[-1] > fedavg[0]
+    assert fedavg[-1] > 0.3, fedavg  # 10 classes: chance is 0.1
     assert "fedavg" in (out / "summary.md").read_text()
-    # Every algorithm learns well above chance; how CAD compares with FedAvg on digits is
-    # measured and reported in docs/results.md (the two are within about 2 points).
-    for algo in defaults.algorithms:
-        assert max(m["context_acc"] for m in lines if m["algorithm"] == algo) > 0.8, algo
+    # A device holds 2 classes (chance 0.5 on its own images): in 12 rounds every algorithm
+    # learns them above chance, local too, though a device has trained once or twice by then.
+    for algo in demo.algorithms:
+        assert max(m["context_acc"] or 0 for m in lines if m["algorithm"] == algo) > 0.6, algo
 
 
 def test_open_context_accuracy_takes_the_argmax_over_every_output_on_own_class_images():

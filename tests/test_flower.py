@@ -40,6 +40,7 @@ from cadfl.flower.codec import (  # noqa: E402
 )
 from cadfl.flower.server_app import FlowerError, FlowerExecutor  # noqa: E402
 from cadfl.models import get_model  # noqa: E402
+from tests import BASE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -223,8 +224,11 @@ def test_flower_protocol_reproduces_the_engine_exactly(tmp_path, digits):
         s2, _ = load_checkpoint(tmp_path / "flower" / "checkpoints", a)
         assert all(torch.equal(s1[k], s2[k]) for k in s1), a
     # One query round, then one message per device per round for CAD and FedAvg
-    # (central trains on the pooled data in the ServerApp and sends nothing).
-    assert grid.sent == cfg.devices + 2 * cfg.rounds * cfg.devices
+    # (central trains on the pooled data in the ServerApp and sends nothing), and one per
+    # device per evaluation for CAD: its global model is calibrated (cad.calibrate = 1), so
+    # the devices score their own, uncalibrated sub-models.
+    evaluations = sum(r % cfg.eval_every == 0 or r == cfg.rounds for r in range(1, cfg.rounds + 1))
+    assert grid.sent == cfg.devices + (2 * cfg.rounds + evaluations) * cfg.devices
     assert grid.told == cfg.devices  # the config goes to a node once per run
 
 
@@ -471,7 +475,7 @@ def test_node_errors_are_dropouts(tmp_path, digits, caplog):
 def test_run_config_builds_the_experiment(tmp_path):
     from cadfl.flower.server_app import config_from_run_config
     cfg, out, timeout = config_from_run_config({
-        "config": "configs/digits-demo.toml",
+        "config": "configs/digits-10x5.toml",
         "set": 'rounds=2; devices=4 ;algorithms=["cad", "fedavg"]',
         "out": str(tmp_path / "x"), "timeout": 12})
     assert (cfg.rounds, cfg.devices, cfg.algorithms) == (2, 4, ["cad", "fedavg"])
@@ -498,7 +502,7 @@ def test_flower_simulation_matches_own_engine(tmp_path, digits, capfd):
                  "bn=keep_local"]
     own = run_experiment(load_config(None, overrides), tmp_path / "own", quiet=True,
                          dataset=digits)
-    args = ["run", "--engine", "flower", "--out", str(tmp_path / "sim"), "--quiet"]
+    args = ["run", BASE, "--engine", "flower", "--out", str(tmp_path / "sim"), "--quiet"]
     for o in overrides:
         args += ["--set", o]
     capfd.readouterr()
@@ -588,8 +592,8 @@ def test_deployment_loopback_cad_two_supernodes(tmp_path, digits):
     overrides = ["devices=2", "rounds=2", "data_fraction=0.5", 'algorithms=["cad"]']
     out = tmp_path / "deploy"
     before = set(flower_children())
-    lines = deploy_experiment(None, overrides, out, timeout=420)
-    own = run_experiment(load_config(None, overrides), tmp_path / "own", quiet=True,
+    lines = deploy_experiment(BASE, overrides, out, timeout=420)
+    own = run_experiment(load_config(BASE, overrides), tmp_path / "own", quiet=True,
                          dataset=digits)
     assert accs(lines, "cad") == pytest.approx(accs(own, "cad"), abs=1e-6)
     assert (out / "summary.md").exists() and (out / "checkpoints" / "cad.safetensors").exists()
@@ -616,7 +620,7 @@ def test_deployment_nodes_train_on_their_own_images(tmp_path, digits):
     dep = Deployment(out, cfg.devices, data_dirs=folders)
     try:
         dep.start()
-        done = dep.flwr_run({"config": "", "set": ";".join(overrides), "out": str(out),
+        done = dep.flwr_run({"config": BASE, "set": ";".join(overrides), "out": str(out),
                              "timeout": 60}, timeout=480)
     finally:
         left = dep.stop()
@@ -699,7 +703,7 @@ def test_deployment_over_tls_with_a_self_signed_certificate(tmp_path):
                 socket.create_connection(("127.0.0.1", dep.superlink_port), timeout=5) as raw, \
                 ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1"):
             pass
-        done = dep.flwr_run({"config": "", "set": ";".join([
+        done = dep.flwr_run({"config": BASE, "set": ";".join([
             "devices=2", "rounds=1", "data_fraction=0.5", 'algorithms=["fedavg"]']),
             "out": str(out), "timeout": 300}, timeout=300)
         assert done.returncode == 0
@@ -728,7 +732,7 @@ def test_deployment_with_supernode_authentication(tmp_path):
     dep = Deployment(out, 2, tls, auth=True)
     try:
         dep.start()
-        done = dep.flwr_run({"config": "", "set": "devices=2;rounds=1;data_fraction=0.5;"
+        done = dep.flwr_run({"config": BASE, "set": "devices=2;rounds=1;data_fraction=0.5;"
                              'algorithms=["fedavg"]', "out": str(out), "timeout": 300},
                             timeout=300)
         assert done.returncode == 0
@@ -761,7 +765,7 @@ def test_deployment_survives_a_supernode_killed_mid_run(tmp_path, digits):
 
     try:
         dep.start()
-        done = dep.flwr_run({"config": "", "set": ";".join(overrides), "out": str(out),
+        done = dep.flwr_run({"config": BASE, "set": ";".join(overrides), "out": str(out),
                              "timeout": 60}, timeout=240, on_tick=kill_after_round_one)
     finally:
         left = dep.stop()

@@ -7,6 +7,7 @@ import torch
 from cadfl.analysis.maximize import filter_responses, maximize, response_module
 from cadfl.cli import main
 from cadfl.models import build_model, get_model
+from tests import BASE
 
 
 def test_activation_maximisation_raises_the_target_filter_above_start_and_other_filters():
@@ -33,7 +34,7 @@ def test_activation_maximisation_raises_the_target_filter_above_start_and_other_
 
 def test_visualize_and_analyze_commands_on_a_run_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["run", "--out", str(run), "--quiet", "--set", "rounds=2",
+    assert main(["run", BASE, "--out", str(run), "--quiet", "--set", "rounds=2",
                  "--set", 'algorithms=["cad"]', "--set", "devices=4"]) == 0
     ckpt = run / "checkpoints" / "cad.safetensors"
     assert main(["visualize", str(ckpt), "--layer", "conv3", "--filters", "0", "1", "2",
@@ -53,7 +54,7 @@ def test_visualize_and_analyze_commands_on_a_run_checkpoint(tmp_path, capsys):
 
 def test_visualize_refuses_an_unknown_layer_with_the_valid_ones(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["run", "--out", str(run), "--quiet", "--set", "rounds=1",
+    assert main(["run", BASE, "--out", str(run), "--quiet", "--set", "rounds=1",
                  "--set", 'algorithms=["fedavg"]', "--set", "devices=2"]) == 0
     code = main(["visualize", str(run / "checkpoints" / "fedavg.safetensors"),
                  "--layer", "conv9", "--quiet"])
@@ -63,7 +64,7 @@ def test_visualize_refuses_an_unknown_layer_with_the_valid_ones(tmp_path, capsys
 
 def test_analyze_and_visualize_run_on_the_device_asked_for(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["run", "--out", str(run), "--quiet", "--set", "rounds=1",
+    assert main(["run", BASE, "--out", str(run), "--quiet", "--set", "rounds=1",
                  "--set", 'algorithms=["cad"]', "--set", "devices=2"]) == 0
     ckpt = str(run / "checkpoints" / "cad.safetensors")
     if not torch.cuda.is_available():

@@ -48,7 +48,7 @@ def test_published_reproduction_reports_the_final_rounds_open_accuracy_of_each_r
     import reproduce
 
     tiny = reproduce.Setting(
-        paper="a test", column="digits (5, 2)", preset="digits-demo.toml",
+        paper="a test", column="digits (5, 2)", preset="digits-10x5.toml",
         common=("devices=5", "partition.k=2", "rounds=4", "eval_every=1", "overrides={}"),
         algorithms={"fedavg": reproduce.Algorithm(("train.epochs=1",), "here"),
                     "fedper": reproduce.Algorithm(("train.epochs=2",), "there")},

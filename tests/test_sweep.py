@@ -10,6 +10,7 @@ import pytest
 from cadfl.cli import main
 from cadfl.config import ConfigError, load_config
 from cadfl.sweep import best_point, parse_grid, run_sweep, score, value_beyond
+from tests import BASE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +36,7 @@ def test_score_is_the_judged_metric_over_the_last_evaluations():
 
 def test_a_sweep_picks_each_algorithms_best_point_on_validation_data(tmp_path, capsys):
     out = tmp_path / "sweep"
-    args = ["sweep", "--grid", "train.lr=0.01,0.1", "--rounds", "2", "--quiet", "--out",
+    args = ["sweep", BASE, "--grid", "train.lr=0.01,0.1", "--rounds", "2", "--quiet", "--out",
             str(out), "--set", "devices=4", "--set", "data_fraction=0.5",
             "--set", 'algorithms=["fedavg", "fedper"]']
     assert main(args) == 0
@@ -66,9 +67,9 @@ def test_a_sweep_picks_each_algorithms_best_point_on_validation_data(tmp_path, c
 
 
 def test_the_grid_is_not_hidden_by_the_configs_own_overrides(tmp_path):
-    # The embedded default carries tuned learning rates; the sweep's points must not.
-    main(["sweep", "--grid", "train.lr=0.01,0.1", "--rounds", "1", "--quiet", "--out",
-          str(tmp_path), "--set", "devices=2", "--set", 'algorithms=["fedavg"]'])
+    # The embedded demo carries tuned learning rates; the sweep's points must not.
+    assert main(["sweep", "--grid", "train.lr=0.01,0.1", "--rounds", "1", "--quiet", "--out",
+                 str(tmp_path), "--set", "devices=5", "--set", 'algorithms=["fedavg"]']) == 0
     for i, lr in enumerate((0.01, 0.1)):
         cfg = load_config(tmp_path / f"point-{i:02d}" / "config.toml")
         assert cfg.overrides == {} and cfg.for_algorithm("fedavg").train.lr == lr
@@ -77,6 +78,10 @@ def test_the_grid_is_not_hidden_by_the_configs_own_overrides(tmp_path):
 def test_an_unstable_point_is_not_chosen_over_a_stable_one():
     assert best_point([0.5, 0.7, 0.6], ["", "updates rejected from round 3", ""]) == 2
     assert best_point([0.5, 0.7, 0.6], ["fell", "fell", "fell"]) == 1  # none stable
+    # A stable point more than LOST_DROP (0.10) behind the best one never learned: it is not
+    # preferred for its stability; one within it is.
+    assert best_point([0.84, 0.80, 0.30], ["fell", "fell", ""]) == 0
+    assert best_point([0.84, 0.75, 0.30], ["fell", "", ""]) == 1
 
 
 def test_a_diverging_point_is_marked_and_an_edge_choice_says_so(tmp_path):
@@ -112,7 +117,7 @@ def test_a_choice_at_an_end_widens_the_grid_a_bounded_number_of_times():
 
 def test_a_sweep_without_rounds_scores_over_the_configs_rounds(tmp_path):
     out = tmp_path / "sweep"
-    assert main(["sweep", "--grid", "train.lr=0.05", "--extend", "0", "--quiet", "--out",
+    assert main(["sweep", BASE, "--grid", "train.lr=0.05", "--extend", "0", "--quiet", "--out",
                  str(out), "--set", "devices=4", "--set", "data_fraction=0.3",
                  "--set", "rounds=3", "--set", 'algorithms=["fedavg"]']) == 0
     assert json.loads((out / "sweep.json").read_text())["rounds"] == 3

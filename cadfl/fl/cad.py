@@ -68,6 +68,10 @@ from .registry import register
 from .strategy import Payloads, Setting, Strategy
 
 ASSIGN_MODES = ("prior", "activation")
+# cad.variant: "cadfl" runs the options as set; "paper" is the paper's method, plain CAD, with
+# every option beyond the paper at these values.
+PAPER = {"personal": 0, "path_lr": 1.0, "calibrate": 0.0, "groups": 0}
+VARIANTS = ("cadfl", "paper")
 
 
 @dataclass
@@ -84,9 +88,16 @@ class CADOptions:
     personal: int = 0  # personal paths: the last N conv/linear layers' own copy per device
     personal_epochs: int = 5  # epochs fitting that copy on frozen features, each round
     path_lr: float = 1.0  # the class paths' learning rate, as a factor of train.lr
-    calibrate: float = 0.0  # tau: the global model's logit rows over their norm ** tau
+    # tau: the global model's logit rows over their norm ** tau; 1, cadfl's default, won on
+    # validation across settings (docs/results/cad-variants.md)
+    calibrate: float = 1.0
     groups: int = 0  # paths for groups of classes (0: one per class, the paper's)
     grouping: str = "cooccur"  # which classes share a group: "cooccur" on devices, "even"
+    variant: str = "cadfl"  # "paper": plain CAD, the options beyond the paper (PAPER) off
+
+    def resolved(self) -> CADOptions:
+        """The options CAD runs with: with `variant = "paper"`, those of `PAPER`."""
+        return replace(self, **PAPER) if self.variant == "paper" else self
 
     def check(self, cfg: Any) -> None:
         """ValueError naming the field if a value is out of range (`cfg.rounds` bounds the
@@ -107,7 +118,14 @@ class CADOptions:
         check_range("cad.calibrate", self.calibrate, 0, 2)
         check_range("cad.groups", self.groups, 0)
         check_one_of("cad.grouping", self.grouping, GROUPINGS)
-        if self.groups and self.assign != "prior":
+        check_one_of("cad.variant", self.variant, VARIANTS)
+        if self.variant == "paper":
+            changed = [f"cad.{k}" for k, plain in PAPER.items()
+                       if getattr(self, k) not in (plain, getattr(CADOptions, k))]
+            if changed:
+                raise ValueError(f"cad.variant = \"paper\" is plain CAD: it cannot take "
+                                 f"{', '.join(changed)} (drop them, or the variant)")
+        if self.resolved().groups and self.assign != "prior":
             raise ValueError("cad.groups needs cad.assign = \"prior\" (the activation "
                              "assignment gives every class a path of its own)")
         if self.assign == "activation" and not (self.warmup_rounds or self.checkpoint):
@@ -160,7 +178,7 @@ class CAD(Strategy):
     @classmethod
     def from_setting(cls, setting: Setting, options: CADOptions | None = None) -> CAD:
         """CAD for a run: the dense checkpoint loaded, Others from the run's label."""
-        o = options or CADOptions()
+        o = (options or CADOptions()).resolved()
         pretrained = load_pretrained(o.checkpoint, setting.init) if o.checkpoint else None
         return cls(setting.spec, setting.train, setting.devices, bn=setting.bn,
                    robust=setting.robust, depth=o.depth, assign=o.assign,

@@ -29,7 +29,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ..config import Config, dataset_of, load_config
+from ..config import DEMO, Config, dataset_of, load_config
 from ..device.executor import Executor, Job, Result, Scores
 from ..device.train import run_task
 from ..engine.experiment import Experiment
@@ -328,7 +328,7 @@ def config_from_run_config(run_config: dict) -> tuple[Config, Path, float]:
     if path and not Path(path).exists() and (PROJECT_ROOT / path).exists():
         path = str(PROJECT_ROOT / path)
     overrides = [s.strip() for s in str(run_config.get("set", "") or "").split(";") if s.strip()]
-    cfg = load_config(path or None, overrides)
+    cfg = load_config(path or DEMO, overrides)
     out = str(run_config.get("out", "") or "")
     out_dir = Path(out or f"runs/flower-{time.strftime('%Y%m%d-%H%M%S')}")
     return cfg, out_dir, float(run_config.get("timeout", 600))
