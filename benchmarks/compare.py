@@ -386,13 +386,13 @@ def variant_row(out: Path, name: str) -> dict | None:
         return None
     variant = json.loads(VARIANTS_BEST.read_text())["default"]
     kept = VARIANTS_BEST.parent / name / variant
-    per_seed = {int(p.stem.split("-")[1]): read_metrics(p) for p in sorted(kept.glob("seed-*"))}
-    if variant == "paper" or not per_seed:
+    if variant == "paper" or not (kept / "sweep.json").exists():
         return None
-    lr = json.loads((kept / "sweep.json").read_text())["points"]
-    best = json.loads((kept / "sweep.json").read_text())["best"]["cad"]
+    per_seed = {int(p.stem.split("-")[1]): read_metrics(p) for p in sorted(kept.glob("seed-*"))}
+    sweep = json.loads((kept / "sweep.json").read_text())
     row = summary_row("cad", per_seed, _run_config(out, name, "cad"))
-    row.update(shown=f"cad, {variant} (cadfl's default)", lr=lr[best][0])
+    row.update(shown=f"cad, {variant} (cadfl's default)",
+               lr=sweep["points"][sweep["best"]["cad"]][0])
     return row
 
 
@@ -409,7 +409,7 @@ def table(out: Path, name: str) -> tuple[str, list[dict]]:
             "best context | last context | round reaching target | MB/device/round | "
             "device GFLOPs/round | train s/round | health |\n|" + "---|" * 13)
     body = "\n".join(
-        f"| {r.get('shown', r['algorithm'])} | {r['family']} | {r['judged_by']} | {r['lr']:g} | "
+        f"| {r['shown']} | {r['family']} | {r['judged_by']} | {r['lr']:g} | "
         f"{r['best_global']} | {r['last_global']} | {r['best_context']} | "
         f"{r['last_context']} | {r['reached']} | {r['mb']:.2f} | {r['gflops']:.2f} | "
         f"{r['wall']:.1f} | {r['health']} |" for r in rows)

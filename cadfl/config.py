@@ -4,9 +4,8 @@ Every field has a type and an allowed range; a bad value fails before any work s
 field's dotted name and what is allowed. The defaults (digits, 10 devices x 5 classes, written
 out in configs/digits-10x5.toml) are what every file and override starts from; `cadfl run`
 with no config runs the embedded demo, `DEMO`: the mission's cross-device setting. The tables
-below the top
-level are `cadfl.config_tables` and, for `[train]`, `cadfl.fl.payload.TrainConfig`: each checks
-its own values.
+below the top level are `cadfl.config_tables` and, for `[train]`,
+`cadfl.fl.payload.TrainConfig`: each checks its own values.
 """
 
 from __future__ import annotations
