@@ -83,7 +83,8 @@ class Config:
     `sample` is a fraction of devices per round when a float in (0, 1], a number of devices
     when an integer. `data_fraction` keeps that share of every class's training images (for
     quick CPU-scale runs); `test_fraction` likewise of the test images (cheaper evaluation,
-    same share of every class). `bn` is "average" or "keep_local" (batch-norm statistics).
+    same share of every class). `width` is the model's width multiplier (mobilenet_v2 only).
+    `bn` is "average" or "keep_local" (batch-norm statistics).
     `context` lists changes of devices' class sets over the rounds (`ContextChange`).
     A round with fewer than `min_devices` valid updates keeps the previous global state.
     On Flower, a device that has not answered `round_deadline` seconds after its payload was
@@ -104,6 +105,7 @@ class Config:
     data_dir: str = ""
     model: str = "digits_cnn"
     batch_norm: bool = True
+    width: float = 1.0
     devices: int = 10
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     rounds: int = 30
@@ -223,9 +225,14 @@ def _check(cfg: Config) -> None:
     from .data.datasets import DATASETS
     from .fl import ALGORITHMS
     from .models import MODELS
+    from .models.zoo import WIDTH_MODELS
 
     check_one_of("dataset", cfg.dataset, DATASETS)
     check_one_of("model", cfg.model, MODELS)
+    check_range("width", cfg.width, 0, 4, low_open=True)
+    if cfg.width != 1.0 and cfg.model not in WIDTH_MODELS:
+        raise ConfigError(f"width={cfg.width}: model {cfg.model!r} has no width multiplier; "
+                          f"models with one: {', '.join(WIDTH_MODELS)}")
     check_one_of("bn", cfg.bn, BN_MODES)
     if not cfg.algorithms:
         raise ConfigError("algorithms: give at least one algorithm")

@@ -104,6 +104,11 @@ def test_cifar_shaped_submodels_match_pytorch(tmp_path, model, depth, others):
     assert_exports(ckpt, [7, 2], others, tmp_path)
 
 
+@pytest.mark.parametrize("model", ["mobilenet_v2", "resnet18"])
+def test_block_model_submodels_match_pytorch(tmp_path, model):
+    assert_exports(cad_checkpoint(tmp_path, model, 2, False), [7, 2], False, tmp_path)
+
+
 @pytest.mark.parametrize("others", [False, True])
 def test_digits_submodel_matches_pytorch_on_real_images(tmp_path, digits_run, others):
     assert_exports(digits_run / "checkpoints" / "cad.safetensors", [3, 5, 8], others, tmp_path)

@@ -71,7 +71,7 @@ def analyze_spec(spec: ModelSpec, state: dict, x: torch.Tensor, y: torch.Tensor,
                                          precision=precision)
     means = class_means(sums, counts)
     sel = {name: selectivity(m) for name, m in means.items()}
-    convs = [n for n in sel if spec.layer(n).kind == "conv"]
+    convs = [n for n in sel if spec.layer(n).behaviour.unit]
     return {"means": means, "selectivity": sel,
             "suggested_depth": suggest_depth([sel[n] for n in convs], threshold)}
 
@@ -109,7 +109,7 @@ def analyze_command(args: argparse.Namespace) -> int:
     grouped = [i for i, layer in enumerate(spec.layers) if layer.groups is not None]
     if grouped:
         depth = sum(1 for i in range(grouped[0], len(spec.layers))
-                    if spec.layers[i].kind == "conv")
+                    if spec.layers[i].behaviour.unit)
         # Decoupling an already decoupled spec gives it back, with its path description.
         dec = decouple(spec, spec.num_classes, depth)
         critical_paths(dec, ds.classes, args.cls, out / f"critical-paths-{args.cls}.png")

@@ -17,6 +17,8 @@ Energy of a layer for one image = MACs * (3.7 + 0.9) pJ, where MACs = torch's FL
 Layers torch counts 0 FLOPs for (batch norm, ReLU, max-pool) are charged 1 elementwise op per
 output element, priced as a float add, in the energy model only. Flatten and dropout are the
 identity (or a view) in an inference pass: no arithmetic, memory traffic or new activation.
+A residual block is one row, counted with the conv layers; the batch norms and activations
+inside it are not charged elementwise ops, and only its output counts as activation memory.
 Real hardware re-reads activations and weights through a cache hierarchy, so treat the numbers
 as a way to compare layers and models, not as measurements.
 """
@@ -33,6 +35,7 @@ import torch
 
 from cadfl.models import ModelSpec, build_model, get_model
 from cadfl.models.flops import count_forward
+from cadfl.models.layers import KINDS
 
 FP_MULT_PJ = 3.7  # 32-bit float multiply
 FP_ADD_PJ = 0.9  # 32-bit float add
@@ -40,8 +43,6 @@ SRAM_WORD_PJ = 5.0  # 32-bit read from an 8 KB SRAM
 DRAM_WORD_PJ = 640.0  # 32-bit DRAM access
 BYTES_PER_VALUE = 4  # float32
 
-# Layers that are the identity or a view in an inference pass (see the module docstring).
-_FREE_KINDS = ("flatten", "dropout")
 
 
 @dataclass
@@ -82,7 +83,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _energy_pj(kind: str, flops: int, params: int, in_values: int, out_values: int) -> float:
     """Energy of one layer for one image, by the model in the module docstring."""
-    if kind in _FREE_KINDS:
+    if KINDS[kind].free:  # the identity or a view in an inference pass
         return 0.0
     macs = flops / 2
     elementwise = out_values if flops == 0 else 0
@@ -91,8 +92,8 @@ def _energy_pj(kind: str, flops: int, params: int, in_values: int, out_values: i
     return compute + memory
 
 
-def _share(layers: list[LayerProfile], kind: str, field: str, total: float) -> float:
-    part = sum(getattr(lp, field) for lp in layers if lp.kind == kind)
+def _share(layers: list[LayerProfile], family: str, field: str, total: float) -> float:
+    part = sum(getattr(lp, field) for lp in layers if KINDS[lp.kind].family == family)
     return part / total if total else 0.0
 
 
@@ -118,13 +119,13 @@ def profile_spec(spec: ModelSpec) -> ModelProfile:
         "flops": total_flops,
         # Flatten and dropout outputs alias their input, so they add no activation memory.
         "activation_bytes": sum(lp.activation_bytes for lp in layers
-                                if lp.kind not in _FREE_KINDS),
+                                if not KINDS[lp.kind].free),
         "energy_pj": sum(lp.energy_pj for lp in layers),
     }
     for what, field in (("flops", "flops"), ("energy", "energy_pj"), ("params", "params")):
         total = totals[field]
         totals[f"conv_{what}_share"] = _share(layers, "conv", field, total)
-        totals[f"fc_{what}_share"] = _share(layers, "linear", field, total)
+        totals[f"fc_{what}_share"] = _share(layers, "fc", field, total)
     return ModelProfile(model=spec.name, input_shape=spec.input_shape, layers=layers,
                         totals=totals)
 

@@ -66,7 +66,7 @@ def permute_dense(dec: Decoupling, state: State, perms: dict[str, torch.Tensor])
     for name, perm in perms.items():
         i = spec.names.index(name)
         for j in range(i, len(spec.layers)):  # the layer itself and the batch norm after it
-            if j > i and spec.layers[j].kind in ("conv", "linear"):
+            if j > i and spec.layers[j].weighted:
                 break
             if j == i or spec.layers[j].kind == "bn":
                 for key in _param_keys(out, spec.names[j]):
@@ -85,7 +85,7 @@ def _next_param_layer(dec: Decoupling, i: int, shapes: list[tuple[int, ...]]) ->
         kind = dec.spec.layers[j].kind
         if kind == "flatten":
             spatial = shapes[j - 1][1] * shapes[j - 1][2]
-        if kind in ("conv", "linear"):
+        if dec.spec.layers[j].weighted:
             return j, spatial
     raise ValueError(f"layer {dec.spec.names[i]} is the last layer: its outputs are the logits")
 
@@ -115,10 +115,11 @@ def to_decoupled(dec: Decoupling, state: State) -> State:
 def spare_pool(dec: Decoupling, state: State) -> State:
     """The filters left over by the equal split, from a dense state whose filters are grouped
     by class (spare last): weight and bias rows of each decoupled layer beyond its class
-    groups, keyed `spare/<layer>.<param>`."""
+    groups, keyed `spare/<layer>.<param>`. A block's leftover filters are dropped instead: its
+    tensors' rows are not all filters of its output."""
     out = {}
     for name, (_, spare) in dec.widths.items():
-        if not spare:
+        if not spare or dec.spec.layer(name).kind not in ("conv", "linear"):
             continue
         used = dec.spec.layer(name).out_ch
         for key in _param_keys(state, name):

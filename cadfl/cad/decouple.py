@@ -1,9 +1,10 @@
 """Decoupling: split a CNN into a shared trunk and groups of filters (class paths).
 
-From the decoupling depth on (the last `depth` conv layers, then every linear layer), each
-layer's filters are divided into G equal, contiguous groups. The first decoupled layer reads
-every channel of the trunk; every later one connects group g only to group g (a grouped
-convolution / grouped linear layer), and the logit of a class reads only its group. Each
+From the decoupling depth on (the last `depth` conv layers or blocks, then every linear
+layer), each layer's filters are divided into G equal, contiguous groups. The first decoupled
+layer reads every channel of the trunk; every later one connects group g only to group g (a
+grouped convolution / grouped linear layer), and the logit of a class reads only its group.
+A block splits every convolution inside it the same way (`cadfl.models.layers`). Each
 parameter then has one owner: the trunk, or one group. Filters left over by the equal split
 (width mod G) are the spare pool: they are not part of the model.
 
@@ -16,7 +17,7 @@ grouped linear layer whose row of class c reads only c's group (`cadfl.models.sp
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import accumulate
 
 from ..models.spec import ModelSpec, SpecError
@@ -53,9 +54,11 @@ class Decoupling:
                    int(d["first"]), {k: (int(a), int(b)) for k, (a, b) in d["widths"].items()})
 
     def is_path_key(self, key: str) -> bool:
-        """Whether a state key belongs to a decoupled layer (its rows are class paths)."""
+        """Whether the rows of a state key are class paths (a tensor of a decoupled layer
+        that its paths do not share)."""
         name = key.split(".", 1)[0]
-        return name in self.spec.names and self.spec.names.index(name) >= self.first
+        return (name in self.spec.names and self.spec.names.index(name) >= self.first
+                and self.group_size(key) is not None)
 
     @property
     def num_groups(self) -> int:
@@ -76,24 +79,26 @@ class Decoupling:
         return next(g for g, end in enumerate(accumulate(self.spec.layers[-1].groups))
                     if logit < end)
 
-    def group_size(self, key: str) -> int:
-        """Rows per group of a decoupled state tensor (the logits have one row per class)."""
-        layer = self.spec.layer(key.split(".", 1)[0])
-        return layer.out_ch // len(layer.groups)
+    def group_size(self, key: str) -> int | None:
+        """Rows per group of a decoupled state tensor (the logits have one row per class),
+        or None for a tensor its paths share (a block's input batch norm on the trunk)."""
+        name, param = key.split(".", 1)
+        layer = self.spec.layer(name)
+        return layer.behaviour.rows_per_group(layer, param)
 
 
 def conv_indices(spec: ModelSpec) -> list[int]:
-    """Positions of the conv layers in `spec.layers`."""
-    return [i for i, layer in enumerate(spec.layers) if layer.kind == "conv"]
+    """Positions of the feature stages cad.depth counts: conv layers and blocks."""
+    return [i for i, layer in enumerate(spec.layers) if layer.behaviour.unit]
 
 
 def first_decoupled(spec: ModelSpec, depth: int) -> int:
-    """Index of the first decoupled layer: the `depth`-th conv from the end, or the first
-    linear layer when `depth` is 0."""
+    """Index of the first decoupled layer: the `depth`-th conv layer or block from the end,
+    or the first linear layer when `depth` is 0."""
     convs = conv_indices(spec)
     if not 0 <= depth <= len(convs):
         raise SpecError(f"cad.depth={depth} is out of range for {spec.name}: allowed 0 to "
-                        f"{len(convs)} (conv layers counted from the end)")
+                        f"{len(convs)} (conv layers and blocks counted from the end)")
     if depth:
         return convs[-depth]
     return next(i for i, layer in enumerate(spec.layers) if layer.kind == "linear")
@@ -130,7 +135,11 @@ def decouple(spec: ModelSpec, num_classes: int, depth: int,
     grouped = False  # whether the current input is already split into class groups
     for i in range(start, len(spec.layers)):
         layer, name = spec.layers[i], spec.names[i]
-        if layer.kind in ("conv", "linear"):
+
+        def fail(msg: str, name: str = name) -> SpecError:
+            return SpecError(f"cad.depth={depth} cannot split {spec.name}'s {name}: {msg}")
+
+        if layer.weighted:
             last = i == len(spec.layers) - 1
             per_group = 1 if last else layer.out_ch // n
             if per_group < 1:
@@ -139,11 +148,10 @@ def decouple(spec: ModelSpec, num_classes: int, depth: int,
                                 "that need a path each: use a smaller cad.depth or wider layers")
             groups = sizes if last else (per_group,) * n
             widths[name] = (per_group, layer.out_ch - sum(groups))
-            layer = replace(layer, in_ch=channels * spatial, out_ch=sum(groups),
-                            groups=groups, grouped_in=grouped)
+            layer = layer.behaviour.split(layer, channels * spatial, groups, grouped, fail)
             channels, spatial, grouped = layer.out_ch, 1, True
-        elif layer.kind == "bn":
-            layer = replace(layer, in_ch=channels, out_ch=channels, groups=(channels // n,) * n)
+        elif layer.behaviour.splittable:
+            layer = layer.behaviour.split(layer, channels, (channels // n,) * n, grouped, fail)
         elif layer.kind == "flatten":
             h, w = shapes[i - 1][1:]
             spatial = h * w

@@ -18,8 +18,9 @@ import math
 from dataclasses import replace
 
 import torch
+from torch import nn
 
-from ..models import ModelSpec, state_shapes, with_classes
+from ..models import ModelSpec, build_model, state_shapes, with_classes
 from .assign import SPARE_PREFIX
 from .decouple import Decoupling
 from .submodel import paths_spec
@@ -28,10 +29,11 @@ State = dict[str, torch.Tensor]
 BN_FRESH = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
 
 
-def _fresh(shape: torch.Size, param: str, kind: str, logits: bool,
+def _fresh(shape: torch.Size, param: str, norm: bool, logits: bool,
            gen: torch.Generator) -> torch.Tensor:
-    """New rows initialised as `build_model` initialises a layer of this kind."""
-    if kind == "bn":
+    """New rows initialised as `build_model` initialises them: of a batch norm (`norm`), of
+    the logits, or of a conv or linear layer."""
+    if norm:
         return torch.full(shape, BN_FRESH[param])
     if param == "bias":
         return torch.zeros(shape)
@@ -52,7 +54,7 @@ def grow_dense(spec: ModelSpec, state: State, new: tuple[int, ...], seed: int
         name, param = key.split(".", 1)
         if name != last:
             continue
-        rows = _fresh(torch.Size((len(new), *t.shape[1:])), param, "linear", True, gen)
+        rows = _fresh(torch.Size((len(new), *t.shape[1:])), param, False, True, gen)
         out[key] = torch.cat([t, rows.to(t.dtype)])
     return grown, out
 
@@ -70,6 +72,8 @@ def grow_state(dec: Decoupling, grown: Decoupling, state: State, seed: int) -> S
     """
     gen = torch.Generator().manual_seed(seed)
     shapes = state_shapes(grown.spec)
+    with torch.device("meta"):
+        modules = dict(build_model(grown.spec).named_modules())
     out = dict(state)
     entry = grown.spec.names[grown.first]  # the first decoupled layer: reads the trunk
     g_entry = dec.spec.layer(entry).groups[0]
@@ -78,8 +82,8 @@ def grow_state(dec: Decoupling, grown: Decoupling, state: State, seed: int) -> S
     for key, shape in shapes.items():
         if not dec.is_path_key(key) or key.endswith("num_batches_tracked"):
             continue
-        name, param = key.split(".", 1)
-        layer = grown.spec.layer(name)
+        name = key.split(".", 1)[0]
+        owner, param = key.rsplit(".", 1)
         old = state[key]
         rows = shape[0] - old.shape[0]
         spare = state.get(SPARE_PREFIX + key)
@@ -89,7 +93,8 @@ def grow_state(dec: Decoupling, grown: Decoupling, state: State, seed: int) -> S
             if len(spare) > rows:
                 out[SPARE_PREFIX + key] = spare[rows:].clone()
         else:
-            new = _fresh(torch.Size((rows, *shape[1:])), param, layer.kind,
+            new = _fresh(torch.Size((rows, *shape[1:])), param,
+                         isinstance(modules[owner], nn.BatchNorm2d),
                          name == grown.spec.names[-1], gen)
         out[key] = torch.cat([old, new.to(old.dtype)]).contiguous()
     return out

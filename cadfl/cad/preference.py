@@ -20,17 +20,17 @@ Sums = dict[str, torch.Tensor]
 
 
 def activation_layers(spec: ModelSpec) -> dict[str, int]:
-    """Conv/linear layer name -> index of the ReLU that follows it (the logit layer has none)."""
+    """Conv/linear layer (or block) name -> index of the ReLU that follows it before the next
+    such layer (the logits have none; neither has a block that feeds the next block)."""
     out = {}
     for i, layer in enumerate(spec.layers):
-        if layer.kind not in ("conv", "linear"):
+        if not layer.weighted:
             continue
         for j in range(i + 1, len(spec.layers)):
-            kind = spec.layers[j].kind
-            if kind == "relu":
+            if spec.layers[j].behaviour.activation:
                 out[spec.names[i]] = j
                 break
-            if kind in ("conv", "linear"):
+            if spec.layers[j].weighted:
                 break
     return out
 

@@ -11,7 +11,6 @@ take every class, i.e. the whole model, whose groups are those of the global mod
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 
@@ -60,10 +59,7 @@ def paths_spec(dec: Decoupling, classes: Sequence[int]) -> ModelSpec:
         if layer.groups is None:
             continue
         groups = sizes if i == len(layers) - 1 else (layer.groups[0],) * n
-        in_ch = layer.in_ch // dec.num_groups * n if layer.grouped_in else layer.in_ch
-        if layer.kind == "bn":
-            in_ch = sum(groups)
-        layers[i] = replace(layer, in_ch=in_ch, out_ch=sum(groups), groups=groups)
+        layers[i] = layer.behaviour.narrow(layer, dec.num_groups, groups)
     return dec.spec.replace_layers(layers, s)
 
 
@@ -108,5 +104,7 @@ def row_weights(dec: Decoupling, key: str, classes: Sequence[int], counts: torch
     sizes = class_groups(dec, classes)
     ids = torch.tensor(classes, dtype=torch.long)
     per_group = torch.stack([part.sum() for part in counts[ids].split(sizes)])
-    layer = paths_spec(dec, classes).layer(key.split(".", 1)[0])
-    return per_group.repeat_interleave(torch.tensor(layer.groups))
+    name = key.split(".", 1)[0]
+    if name == dec.spec.names[-1]:  # the logits: one row per class of each group
+        return per_group.repeat_interleave(torch.tensor(sizes))
+    return per_group.repeat_interleave(dec.group_size(key))

@@ -56,6 +56,7 @@ from .objective import objective_of
 from .precision import autocast
 from .train import DeviceData, own_samples
 
+BATCHED_KINDS = frozenset({"conv", "bn", "relu", "maxpool", "flatten", "linear", "dropout"})
 BN_MOMENTUM = 0.1  # torch's BatchNorm2d defaults, as `build_model` creates them
 BN_EPS = 1e-5
 
@@ -74,7 +75,8 @@ def batch_key(payload: Payload) -> tuple | None:
     """Jobs whose payloads have equal keys can train together in `train_batched`: the same
     layers, input shape and training config except the seed (class ids may differ).
 
-    None when the payload cannot be batched: a task other than training, dropout with
+    None when the payload cannot be batched: a task other than training, a layer kind the
+    stacked forward below does not know (blocks), dropout with
     p > 0 (its masks come from torch's global generator, which batched devices cannot share),
     a local objective without a batched gradient, or a config field outside `BATCHED_FIELDS`
     that is not at its default.
@@ -83,6 +85,8 @@ def batch_key(payload: Payload) -> tuple | None:
     if payload.task != "train" or any(layer.kind == "dropout" and layer.p > 0
                                       for layer in spec.layers):
         return None
+    if any(layer.kind not in BATCHED_KINDS for layer in spec.layers):
+        return None  # residual blocks: one device at a time
     if any(getattr(cfg, f.name) != getattr(_DEFAULTS, f.name) for f in fields(TrainConfig)
            if f.name not in BATCHED_FIELDS):
         return None  # hooks train one device at a time

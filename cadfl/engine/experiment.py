@@ -90,7 +90,7 @@ class Experiment:
         schedule.check()
         # With a schedule the model starts with the classes of round 1 (New Class later).
         first = schedule.model_classes(1) if cfg.context else tuple(range(ds.num_classes))
-        spec = get_model(cfg.model, len(first), ds.input_shape, cfg.batch_norm)
+        spec = get_model(cfg.model, len(first), ds.input_shape, cfg.batch_norm, cfg.width)
         if cfg.context:
             spec = spec.replace_layers(list(spec.layers), first)
         torch.manual_seed(cfg.seed)

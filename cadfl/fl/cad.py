@@ -59,7 +59,7 @@ from ..cad.grow import grow_dense, grow_paths, grow_state
 from ..cad.preference import class_means, preferred_class, selectivity, suggest_depth
 from ..cad.submodel import extract, index_map, row_weights
 from ..checks import check_one_of, check_range
-from ..models import ModelSpec, SpecError, build_model, with_classes
+from ..models import ModelSpec, SpecError, build_model, state_shapes, with_classes
 from .aggregate import MEAN, Contribution, Robustness
 from .fedavg import FedAvg
 from .fedper import head_patterns
@@ -213,6 +213,9 @@ class CAD(Strategy):
             self.path_groups = (order + extra, sizes + (1,) * len(extra))
         if others is not None:
             spec = with_classes(spec, (others,))
+        if assign == "activation" and spec.has_blocks:
+            raise ValueError(f"cad.assign='activation' permutes the filters of sequential "
+                             f"models only; {spec.name} has blocks: use cad.assign='prior'")
         super().__init__(spec, train, devices, bn=bn, robust=robust)
         self.dense_spec, self.assign = spec, assign
         self.warmup_rounds, self.pretrained = warmup_rounds, pretrained
@@ -377,8 +380,7 @@ class CAD(Strategy):
         base = super().device_config(rnd, device)
         if self.path_lr == 1.0 or not self.decoupled:
             return base
-        paths = tuple(f"{name}.*" for name in self.spec.names
-                      if self.decoupling.is_path_key(f"{name}.weight"))
+        paths = [key for key in state_shapes(self.spec) if self.decoupling.is_path_key(key)]
         return replace(base, lr_scales=tuple((p, self.path_lr) for p in paths))
 
     def device_model_is_global(self) -> bool:

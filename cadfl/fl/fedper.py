@@ -1,7 +1,7 @@
 """FedPer (Arivazhagan et al. 2019): federated body, personal head.
 
-The last `head_layers` conv/linear layers (with their batch norm) are each device's own: the
-device keeps them between rounds and never sends them; the cloud averages the body only. A
+The last `head_layers` conv/linear layers or blocks (with their batch norm) are each device's
+own: the device keeps them between rounds and never sends them; the cloud averages the body only. A
 device that trains for the first time starts its head from the cloud's initial one. There is
 no global model (the cloud never holds a trained head), so FedPer is judged by context
 accuracy: each device's own model on its own classes.
@@ -22,9 +22,9 @@ from .strategy import Payloads
 
 
 def head_patterns(spec: ModelSpec, layers: int) -> tuple[str, ...]:
-    """Glob patterns of the last `layers` conv/linear layers' tensors and of the batch norm
-    after each of them: the personal head."""
-    weighted = [i for i, layer in enumerate(spec.layers) if layer.kind in ("conv", "linear")]
+    """Glob patterns of the last `layers` conv/linear layers' (or blocks') tensors and of the
+    batch norm after each of them: the personal head."""
+    weighted = [i for i, layer in enumerate(spec.layers) if layer.weighted]
     names = []
     for i in weighted[-layers:]:
         names.append(spec.names[i])
@@ -37,7 +37,7 @@ def head_patterns(spec: ModelSpec, layers: int) -> tuple[str, ...]:
 class FedPerOptions:
     """FedPer's settings (`[fedper]`)."""
 
-    head_layers: int = 1  # the last N conv/linear layers are personal
+    head_layers: int = 1  # the last N conv/linear layers (or blocks) are personal
 
     def check(self, cfg: Any) -> None:
         """ValueError naming the field if a value is out of range."""
@@ -57,11 +57,11 @@ class FedPer(FedAvg):
 
     def __init__(self, *args, head_layers: int = 1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        weighted = sum(layer.kind in ("conv", "linear") for layer in self.spec.layers)
+        weighted = sum(layer.weighted for layer in self.spec.layers)
         if not 1 <= head_layers < weighted:
             raise ValueError(f"{self.name}.head_layers={head_layers}: the model has {weighted} "
-                             f"conv/linear layers; allowed 1 to {weighted - 1} (a body must "
-                             "remain)")
+                             f"conv/linear layers and blocks; allowed 1 to {weighted - 1} (a "
+                             "body must remain)")
         self.head = head_patterns(self.spec, head_layers)
 
     def global_model(self, state: State) -> tuple[ModelSpec, State] | None:

@@ -11,7 +11,6 @@ index maps say which (see `cadfl.fl.aggregate.Contribution`).
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 
@@ -28,20 +27,25 @@ def kept_width(width: int, rate: float) -> int:
 
 
 def hidden_layers(spec: ModelSpec) -> list[str]:
-    """The layers a sub-model narrows: every conv and linear layer but the logits."""
+    """The layers a sub-model narrows: every conv and linear layer and block but the logits."""
     return [name for name, layer in zip(spec.names[:-1], spec.layers[:-1], strict=True)
-            if layer.kind in ("conv", "linear")]
+            if layer.weighted]
 
 
 def channel_window(spec: ModelSpec, rate: float, offset: int = 0) -> Maps:
     """For every hidden layer, the output channels a sub-model of `rate` keeps: the
     ceil(rate * width) channels from `offset` on, wrapping around (mod width), ascending.
-    Offset 0 is HeteroFL's first channels; FedRolex rolls the offset with the round."""
+    Offset 0 is HeteroFL's first channels; FedRolex rolls the offset with the round. An
+    inverted residual block's expanded channels get a window of their own, `NAME.hidden`."""
+    def window(width: int) -> torch.Tensor:
+        return ((offset + torch.arange(kept_width(width, rate))) % width).sort().values
+
     out = {}
     for name in hidden_layers(spec):
-        width = spec.layer(name).out_ch
-        kept = (offset + torch.arange(kept_width(width, rate))) % width
-        out[name] = kept.sort().values
+        layer = spec.layer(name)
+        out[name] = window(layer.out_ch)
+        if layer.hidden:
+            out[f"{name}.hidden"] = window(layer.hidden)
     return out
 
 
@@ -62,22 +66,16 @@ def width_maps(spec: ModelSpec, keep: Maps) -> tuple[ModelSpec, Maps, Maps]:
             # Flattening (C, H, W) puts channel c's H*W features at c*H*W onwards.
             plane = math.prod(shapes[i][1:])
             current = (current[:, None] * plane + torch.arange(plane)[None, :]).reshape(-1)
-        elif layer.kind == "bn" and current is not None:
-            layers[i] = replace(layer, in_ch=len(current), out_ch=len(current))
-            rows.update({f"{name}.{k}": current
-                         for k in ("weight", "bias", "running_mean", "running_var")})
-        elif layer.kind in ("conv", "linear"):
-            in_ch = layer.in_ch
-            if current is not None:
-                cols[f"{name}.weight"], in_ch = current, len(current)
-            current = keep.get(name)
-            out_ch = layer.out_ch
-            if current is not None:
-                out_ch = len(current)
-                rows[f"{name}.weight"] = current
-                if layer.bias:
-                    rows[f"{name}.bias"] = current
-            layers[i] = replace(layer, in_ch=in_ch, out_ch=out_ch)
+        elif layer.weighted or layer.kind == "bn":
+            def fail(msg: str, name: str = name) -> SpecError:
+                return SpecError(f"{spec.name}'s {name} cannot be width-sliced: {msg}")
+
+            kept = current if layer.kind == "bn" else keep.get(name)
+            layers[i], r, c = layer.behaviour.slice_width(layer, current, kept,
+                                                          keep.get(f"{name}.hidden"), fail)
+            rows.update({f"{name}.{k}": v for k, v in r.items()})
+            cols.update({f"{name}.{k}": v for k, v in c.items()})
+            current = kept
     return spec.replace_layers(layers, spec.classes), rows, cols
 
 

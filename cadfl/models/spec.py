@@ -16,9 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-KINDS = ("conv", "bn", "relu", "maxpool", "flatten", "linear", "dropout")
-_NAME_PREFIX = {"conv": "conv", "bn": "bn", "relu": "relu", "maxpool": "pool",
-                "flatten": "flatten", "linear": "fc", "dropout": "drop"}
+from .layers import KINDS, Block, Kind
 
 
 class SpecError(ValueError):
@@ -35,6 +33,8 @@ class Layer:
     into equal groups, and so must the outputs of a conv layer. A linear layer's output groups
     may differ in size: Fed2's classifier, whose feature groups hold different numbers of
     classes (10 classes in 3 groups: 4, 3 and 3 logits over three equal feature groups).
+    Blocks (`cadfl.models.layers`) also have a `skip` ("identity", "conv" for a projection,
+    "" for none) and, for an inverted residual, an `expand` ratio and `hidden` channels.
     """
 
     kind: str
@@ -47,11 +47,19 @@ class Layer:
     p: float = 0.0
     groups: tuple[int, ...] | None = None
     grouped_in: bool = False
+    skip: str = ""
+    expand: int = 0
+    hidden: int = 0
 
     @property
-    def has_params(self) -> bool:
-        """Whether the layer owns weights (conv, linear, batch norm)."""
-        return self.kind in ("conv", "linear", "bn")
+    def behaviour(self) -> Kind:
+        """What this kind of layer does (`cadfl.models.layers.KINDS`)."""
+        return KINDS[self.kind]
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the layer owns a bank of filters (conv, linear, a block)."""
+        return KINDS[self.kind].weighted
 
     def to_dict(self) -> dict[str, Any]:
         """The layer as a dict holding only fields that differ from their defaults."""
@@ -142,6 +150,11 @@ class ModelSpec:
                    layers=tuple(Layer.from_dict(x) for x in d["layers"]),
                    classes=None if d.get("classes") is None else tuple(d["classes"]))
 
+    @property
+    def has_blocks(self) -> bool:
+        """Whether any layer is a residual block (not a plain sequence of layers)."""
+        return any(isinstance(layer.behaviour, Block) for layer in self.layers)
+
     def replace_layers(self, layers: list[Layer], classes: tuple[int, ...] | None) -> ModelSpec:
         """A copy with other layers and class ids (used to derive decoupled and sub-models)."""
         return replace(self, layers=tuple(layers), classes=classes)
@@ -167,10 +180,10 @@ def layer_names(layers: tuple[Layer, ...] | list[Layer]) -> tuple[str, ...]:
     for layer in layers:
         if layer.kind not in KINDS:
             raise SpecError(f"unknown layer kind {layer.kind!r}; valid: {', '.join(KINDS)}")
-        counts[layer.kind] = counts.get(layer.kind, 0) + 1
-        prefix = _NAME_PREFIX[layer.kind]
-        names.append(prefix if layer.kind == "flatten" and counts["flatten"] == 1
-                     else f"{prefix}{counts[layer.kind]}")
+        prefix = KINDS[layer.kind].prefix
+        counts[prefix] = counts.get(prefix, 0) + 1
+        names.append(prefix if layer.kind == "flatten" and counts[prefix] == 1
+                     else f"{prefix}{counts[prefix]}")
     return tuple(names)
 
 
@@ -178,9 +191,10 @@ def _output_shape(name: str, layer: Layer, shape: tuple[int, ...]) -> tuple[int,
     def fail(msg: str) -> SpecError:
         return SpecError(f"layer {name}: {msg} (input shape {shape})")
 
+    kind = layer.behaviour
     if layer.groups is not None:
-        if layer.kind not in ("conv", "linear", "bn"):
-            raise fail("only conv, linear and bn layers can have channel groups")
+        if not kind.splittable:
+            raise fail(f"a {layer.kind} layer cannot have channel groups")
         if sum(layer.groups) != layer.out_ch or min(layer.groups) < 1:
             raise fail(f"groups {layer.groups} must be positive and sum to out_ch={layer.out_ch}")
     if layer.grouped_in:
@@ -188,35 +202,7 @@ def _output_shape(name: str, layer: Layer, shape: tuple[int, ...]) -> tuple[int,
             raise fail("grouped_in needs channel groups, equal ones for a conv layer")
         if layer.in_ch % len(layer.groups):
             raise fail(f"in_ch={layer.in_ch} does not split into {len(layer.groups)} groups")
-    if layer.kind in ("conv", "bn", "maxpool"):
-        if len(shape) != 3:
-            raise fail("expects a (C, H, W) input")
-        c, h, w = shape
-        if layer.kind == "bn":
-            if layer.out_ch != c or layer.in_ch != c:
-                raise fail(f"bn channels {layer.out_ch} != input channels {c}")
-            return shape
-        if layer.kind == "conv" and layer.in_ch != c:
-            raise fail(f"in_ch={layer.in_ch} but the input has {c} channels")
-        h2 = (h + 2 * layer.padding - layer.kernel) // layer.stride + 1
-        w2 = (w + 2 * layer.padding - layer.kernel) // layer.stride + 1
-        if h2 < 1 or w2 < 1 or layer.kernel < 1:
-            raise fail(f"kernel {layer.kernel} stride {layer.stride} leaves no output")
-        return (layer.out_ch if layer.kind == "conv" else c, h2, w2)
-    if layer.kind == "flatten":
-        n = 1
-        for s in shape:
-            n *= s
-        return (n,)
-    if layer.kind == "linear":
-        if len(shape) != 1:
-            raise fail("linear layer needs a flat input: add a flatten layer")
-        if layer.in_ch != shape[0]:
-            raise fail(f"in_ch={layer.in_ch} but the input has {shape[0]} features")
-        return (layer.out_ch,)
-    if layer.kind == "dropout" and not 0.0 <= layer.p < 1.0:
-        raise fail(f"dropout p={layer.p} must be in [0, 1)")
-    return shape
+    return kind.shape(layer, shape, fail)
 
 
 class GroupedLinear(nn.Module):
@@ -249,27 +235,6 @@ class GroupedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _module(layer: Layer) -> nn.Module:
-    g = len(layer.groups) if layer.grouped_in else 1
-    if layer.kind == "conv":
-        return nn.Conv2d(layer.in_ch, layer.out_ch, layer.kernel, layer.stride, layer.padding,
-                         groups=g, bias=layer.bias)
-    if layer.kind == "linear":
-        if g > 1:
-            return GroupedLinear(layer.in_ch, layer.out_ch, g, bias=layer.bias,
-                                 sizes=layer.groups)
-        return nn.Linear(layer.in_ch, layer.out_ch, bias=layer.bias)
-    if layer.kind == "bn":
-        return nn.BatchNorm2d(layer.out_ch)
-    if layer.kind == "relu":
-        return nn.ReLU()
-    if layer.kind == "maxpool":
-        return nn.MaxPool2d(layer.kernel, layer.stride, layer.padding)
-    if layer.kind == "flatten":
-        return nn.Flatten()
-    return nn.Dropout(layer.p)
-
-
 def build_model(spec: ModelSpec) -> nn.Sequential:
     """Turn a spec into an `nn.Sequential` whose module names are the spec's layer names.
 
@@ -281,7 +246,8 @@ def build_model(spec: ModelSpec) -> nn.Sequential:
     rounds.
     """
     model = nn.Sequential(OrderedDict(
-        (name, _module(layer)) for name, layer in zip(spec.names, spec.layers, strict=True)))
+        (name, layer.behaviour.module(layer))
+        for name, layer in zip(spec.names, spec.layers, strict=True)))
     logits = model[-1]
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -311,37 +277,54 @@ def build_loaded(spec: ModelSpec, state: dict[str, torch.Tensor],
     return model
 
 
+Entry = int | str | tuple
+
+
 def spec_from_config(
     name: str,
-    config: list[int | str | tuple[int, int, int]],
+    config: list[Entry],
     input_shape: tuple[int, int, int],
     num_classes: int,
     *,
     batch_norm: bool = False,
     hidden: tuple[int, ...] = (),
     dropout: float = 0.0,
+    act: str = "relu",
 ) -> ModelSpec:
     """Build a spec from a VGG-style config list.
 
-    Entries: an int `n` is a 3x3 conv (padding 1) with n filters, a tuple `(n, k, pad)` a k x k
-    conv, and 'M' a 2x2 max-pool. Every conv is followed by batch norm (if `batch_norm`, and then
-    the conv has no bias) and ReLU. Then flatten, one linear + ReLU per `hidden` width (each
-    preceded by dropout when `dropout` > 0), and a final linear layer to `num_classes` logits.
+    Entries:
+    - an int `n`: a 3x3 conv (padding 1) with n filters; a tuple `(n, k, pad)`: a k x k conv.
+      Each is followed by batch norm (if `batch_norm`, and then the conv has no bias) and the
+      activation `act` ("relu" or "relu6").
+    - `("conv", n)`: a bare 3x3 conv, no bias, norm or activation (a pre-activation stem).
+    - `("res", n, stride)`: a pre-activation basic block to n channels; `("inv", t, n,
+      stride)`: an inverted residual block expanding by t. Either adds its input where the
+      shape allows, else (resblock) a projection (`cadfl.models.layers`).
+    - 'M': a 2x2 max-pool; 'A': global average pooling; 'N': batch norm + activation.
+    Then flatten, one linear + ReLU per `hidden` width (each preceded by dropout when
+    `dropout` > 0), and a final linear layer to `num_classes` logits.
     """
     if num_classes < 1:
         raise SpecError(f"num_classes must be >= 1, got {num_classes}")
     layers: list[Layer] = []
     channels = input_shape[0]
     for entry in config:
-        if entry == "M":
-            layers.append(Layer("maxpool", kernel=2, stride=2))
+        if entry in ("M", "A", "N"):
+            layers += {"M": [Layer("maxpool", kernel=2, stride=2)], "A": [Layer("avgpool")],
+                       "N": [Layer("bn", channels, channels), Layer(act)]}[entry]
+            continue
+        if isinstance(entry, tuple) and isinstance(entry[0], str):
+            layer = _block(entry, channels)
+            layers.append(layer)
+            channels = layer.out_ch
             continue
         out, kernel, pad = (entry, 3, 1) if isinstance(entry, int) else entry
         layers.append(Layer("conv", channels, out, kernel=kernel, padding=pad,
                             bias=not batch_norm))
         if batch_norm:
             layers.append(Layer("bn", out, out))
-        layers.append(Layer("relu"))
+        layers.append(Layer(act))
         channels = out
     layers.append(Layer("flatten"))
     features = _flat_features(name, input_shape, layers)
@@ -352,6 +335,24 @@ def spec_from_config(
         features = width
     layers.append(Layer("linear", features, num_classes))
     return ModelSpec(name=name, input_shape=input_shape, layers=tuple(layers))
+
+
+def _block(entry: tuple, channels: int) -> Layer:
+    """The layer of a tagged config entry ("conv", "res" or "inv") reading `channels`."""
+    tag, *args = entry
+    if tag == "conv":
+        return Layer("conv", channels, args[0], kernel=3, padding=1, bias=False)
+    if tag == "res":
+        out, stride = args
+        same = stride == 1 and out == channels
+        return Layer("resblock", channels, out, stride=stride,
+                     skip="identity" if same else "conv")
+    if tag == "inv":
+        expand, out, stride = args
+        same = stride == 1 and out == channels
+        return Layer("inverted", channels, out, stride=stride, expand=expand,
+                     hidden=channels * expand, skip="identity" if same else "")
+    raise SpecError(f"unknown config entry {entry!r}: valid tags 'conv', 'res', 'inv'")
 
 
 def _flat_features(name: str, input_shape: tuple[int, int, int], layers: list[Layer]) -> int:

@@ -18,6 +18,19 @@ Exact shapes (CIFAR input 3x32x32):
 - `cnn64`: the CIFAR CNN of FedRep (Collins et al. 2021; `CNNCifar` in lgcollins/FedRep,
   models/Nets.py): conv 5x5 64 - pool - conv 5x5 64 - pool - fc 120 - fc 64 - fc K, unpadded
   (1600 features), no batch norm (switchable).
+- `resnet18` (CIFAR variant of HeteroFL and FedRolex: `ResNet` in their models/resnet.py):
+  a bare 3x3 conv 64 stem at stride 1, then 4 stages of 2 pre-activation basic blocks,
+  64-128-256-512 channels, strides 1-2-2-2 (32 -> 4), each stage's first block projecting
+  its shortcut where the shape changes; then batch norm - ReLU - global average pool - fc K.
+  11.2M parameters, 556M multiply-adds forward. Batch norm throughout (not switchable).
+- `mobilenet_v2` (CIFAR variant of kuangliu/pytorch-cifar, models/mobilenetv2.py: stride 1
+  in the 3x3 stem and in the 24-channel stage, so 32 -> 4): 3x3 conv 32 - 17 inverted
+  residual blocks (expansion, channels, repeats, first stride: 1-16-1-1, 6-24-2-1, 6-32-3-2,
+  6-64-4-2, 6-96-3-1, 6-160-3-2, 6-320-1-1) - 1x1 conv 1280 - global average pool - fc K,
+  batch norm and ReLU6 after every conv. Residual only where stride is 1 and channels agree,
+  as in torchvision's MobileNetV2 (kuangliu's projects the others). `width` scales every
+  width, rounded to a multiple of 8, and the last conv's 1280 only upwards (torchvision).
+  2.24M parameters, 88M multiply-adds forward at width 1.
 """
 
 from __future__ import annotations
@@ -90,21 +103,69 @@ def cnn64(num_classes: int = 10, input_shape: tuple[int, int, int] = CIFAR_SHAPE
                             num_classes, batch_norm=batch_norm, hidden=(120, 64))
 
 
+RESNET18_STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (channels, first stride), 2 blocks
+MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),
+                       (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))  # (t, c, n, s)
+
+
+def resnet18(num_classes: int = 10, input_shape: tuple[int, int, int] = CIFAR_SHAPE,
+             batch_norm: bool = True) -> ModelSpec:
+    """Pre-activation ResNet-18 for 32x32 inputs (HeteroFL, FedRolex)."""
+    if not batch_norm:
+        raise SpecError("resnet18 has batch norm inside its blocks: batch_norm=false is not "
+                        "available")
+    config: list = [("conv", 64)]
+    for channels, stride in RESNET18_STAGES:
+        config += [("res", channels, stride), ("res", channels, 1)]
+    return spec_from_config("resnet18", [*config, "N", "A"], input_shape, num_classes)
+
+
+def _divisible(value: float, divisor: int = 8) -> int:
+    """torchvision's `_make_divisible`: the nearest multiple of `divisor`, never below 90%
+    of `value`."""
+    out = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * value else out
+
+
+def mobilenet_v2(num_classes: int = 10, input_shape: tuple[int, int, int] = CIFAR_SHAPE,
+                 batch_norm: bool = True, width: float = 1.0) -> ModelSpec:
+    """MobileNetV2 for 32x32 inputs at width multiplier `width`."""
+    if not batch_norm:
+        raise SpecError("mobilenet_v2 has batch norm inside its blocks: batch_norm=false is "
+                        "not available")
+    if not 0 < width <= 4:
+        raise SpecError(f"mobilenet_v2 width={width}: allowed (0, 4]")
+    config: list = [_divisible(32 * width)]
+    for t, c, n, s in MOBILENET_V2_STAGES:
+        config += [("inv", t, _divisible(c * width), s if i == 0 else 1) for i in range(n)]
+    config += [(_divisible(1280 * max(1.0, width)), 1, 0), "A"]
+    return spec_from_config("mobilenet_v2", config, input_shape, num_classes, batch_norm=True,
+                            act="relu6")
+
+
 MODELS: dict[str, Callable[..., ModelSpec]] = {
     "lenet5": lenet5, "alexnet": alexnet, "vgg11": vgg11, "vgg16": vgg16,
-    "digits_cnn": digits_cnn, "fl_cnn": fl_cnn, "cnn64": cnn64,
+    "digits_cnn": digits_cnn, "fl_cnn": fl_cnn, "cnn64": cnn64, "resnet18": resnet18,
+    "mobilenet_v2": mobilenet_v2,
 }
 DEFAULT_INPUT = {"lenet5": CIFAR_SHAPE, "alexnet": CIFAR_SHAPE, "vgg11": CIFAR_SHAPE,
                  "vgg16": CIFAR_SHAPE, "digits_cnn": DIGITS_SHAPE, "fl_cnn": CIFAR_SHAPE,
-                 "cnn64": CIFAR_SHAPE}
+                 "cnn64": CIFAR_SHAPE, "resnet18": CIFAR_SHAPE, "mobilenet_v2": CIFAR_SHAPE}
+WIDTH_MODELS = ("mobilenet_v2",)  # models with a width multiplier
 
 
 def get_model(name: str, num_classes: int = 10,
               input_shape: tuple[int, int, int] | None = None,
-              batch_norm: bool | None = None) -> ModelSpec:
-    """Look a model up by name; unknown names fail with the list of valid ones."""
+              batch_norm: bool | None = None, width: float = 1.0) -> ModelSpec:
+    """Look a model up by name; unknown names fail with the list of valid ones. `width` is a
+    width multiplier, for the models in `WIDTH_MODELS` only."""
     if name not in MODELS:
         raise SpecError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
-    kwargs = {} if batch_norm is None else {"batch_norm": batch_norm}
+    kwargs: dict = {} if batch_norm is None else {"batch_norm": batch_norm}
+    if width != 1.0:
+        if name not in WIDTH_MODELS:
+            raise SpecError(f"model {name!r} has no width multiplier (width={width}); models "
+                            f"with one: {', '.join(WIDTH_MODELS)}")
+        kwargs["width"] = width
     return MODELS[name](num_classes=num_classes, input_shape=input_shape or DEFAULT_INPUT[name],
                         **kwargs)

@@ -84,7 +84,7 @@ def critical_paths(dec: Decoupling, class_names: Sequence[str], highlight: int,
                    path: Path) -> None:
     """Which filters of each decoupled layer belong to which class; the path of class
     `highlight` from the trunk to its logit is drawn on top."""
-    layers = [n for n in dec.spec.names[dec.first:] if dec.spec.layer(n).kind in ("conv", "linear")]
+    layers = [n for n in dec.spec.names[dec.first:] if dec.spec.layer(n).weighted]
     k = dec.num_classes
     cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
     fig, ax = plt.subplots(figsize=(9, 0.9 * len(layers) + 1.8))
