@@ -91,12 +91,16 @@ def test_mobilenet_v2_width_multiplier_rounds_channels_to_multiples_of_eight() -
         load_config(None, ['model="resnet18"', "width=0.5"])
 
 
-def test_preact_block_equals_its_functional_definition() -> None:
-    torch.manual_seed(0)
-    model = build_model(TINY_RES).eval()
+def _seeded(spec: ModelSpec, seed: int) -> tuple[torch.nn.Module, dict, torch.Tensor]:
+    """`spec`'s model in eval mode with seeded weights and batch norms, its state and inputs."""
+    torch.manual_seed(seed)
+    model = build_model(spec).eval()
     _randomise_bn(model)
-    s = model.state_dict()
-    x = torch.randn(3, 2, 8, 8)
+    return model, model.state_dict(), torch.randn(3, *spec.input_shape)
+
+
+def test_preact_block_equals_its_functional_definition() -> None:
+    model, s, x = _seeded(TINY_RES, 0)
     h0 = F.conv2d(x, s["conv1.weight"], padding=1)
     a = F.relu(_bn(h0, s, "block1.bn1"))
     skip = F.conv2d(a, s["block1.shortcut.weight"], stride=2)  # projection of the activation
@@ -113,11 +117,7 @@ def test_preact_block_equals_its_functional_definition() -> None:
 
 
 def test_inverted_block_equals_its_functional_definition() -> None:
-    torch.manual_seed(1)
-    model = build_model(TINY_INV).eval()
-    _randomise_bn(model)
-    s = model.state_dict()
-    x = torch.randn(3, 2, 8, 8)
+    model, s, x = _seeded(TINY_INV, 1)
     h0 = F.relu6(_bn(F.conv2d(x, s["conv1.weight"], padding=1), s, "bn1"))
 
     def block(x, name, stride):
@@ -283,3 +283,16 @@ def test_cad_path_lr_scales_a_blocks_path_tensors_but_not_its_shared_input_norm(
     assert "block1.bn1.weight" not in scaled and "conv1.weight" not in scaled
     assert {"block1.conv1.weight", "block1.shortcut.weight", "block1.bn2.weight",
             "block2.bn1.weight", "bn1.weight", "fc1.weight"} <= scaled
+
+
+def test_keep_local_batch_norm_keeps_the_statistics_inside_a_blocks_paths_on_the_device() -> None:
+    from cadfl.fl.cad import CAD
+    from cadfl.fl.payload import DeviceInfo, TrainConfig, matches
+
+    cad = CAD(TINY_RES, TrainConfig(), [DeviceInfo(0, (4, 4, 0))], bn="keep_local", depth=2)
+    state = cad.initial_state(build_model(TINY_RES).state_dict())
+    payload = dict(cad.configure_train(1, state, [0]))[0]
+    stats = [k for k in payload.state if k.endswith(("running_mean", "running_var"))]
+    assert "block2.bn2.running_mean" in stats  # inside a block, inside the class paths
+    assert all(matches(k, payload.keep) for k in stats)
+    assert not any(matches(k, payload.keep) for k in payload.state if k.endswith("weight"))

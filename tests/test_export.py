@@ -104,7 +104,8 @@ def test_cifar_shaped_submodels_match_pytorch(tmp_path, model, depth, others):
     assert_exports(ckpt, [7, 2], others, tmp_path)
 
 
-@pytest.mark.parametrize("model", ["mobilenet_v2", "resnet18"])
+@pytest.mark.parametrize("model", ["mobilenet_v2",
+                                   pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_block_model_submodels_match_pytorch(tmp_path, model):
     assert_exports(cad_checkpoint(tmp_path, model, 2, False), [7, 2], False, tmp_path)
 

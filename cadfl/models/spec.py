@@ -5,6 +5,9 @@ builds the network without knowing which algorithm produced it. Conv and linear 
 *channel groups*: contiguous runs of output channels, one per class path (see `cadfl.cad`).
 A layer with `grouped_in` connects each output group only to the matching input group
 (block-diagonal weights, stored as a PyTorch grouped convolution / grouped linear layer).
+What each kind of layer does (shapes, module, class paths, width slices) is its class in
+`cadfl.models.layers`; residual blocks are layers of their own there, so a ResNet is still a
+sequence of layers.
 """
 
 from __future__ import annotations
