@@ -44,7 +44,6 @@ DRAM_WORD_PJ = 640.0  # 32-bit DRAM access
 BYTES_PER_VALUE = 4  # float32
 
 
-
 @dataclass
 class LayerProfile:
     """One layer's figures, all for one input image."""

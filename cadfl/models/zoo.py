@@ -22,7 +22,7 @@ Exact shapes (CIFAR input 3x32x32):
   a bare 3x3 conv 64 stem at stride 1, then 4 stages of 2 pre-activation basic blocks,
   64-128-256-512 channels, strides 1-2-2-2 (32 -> 4), each stage's first block projecting
   its shortcut where the shape changes; then batch norm - ReLU - global average pool - fc K.
-  11.2M parameters, 556M multiply-adds forward. Batch norm throughout (not switchable).
+  11.2M parameters, 555M multiply-adds forward. Batch norm throughout (not switchable).
 - `mobilenet_v2` (CIFAR variant of kuangliu/pytorch-cifar, models/mobilenetv2.py: stride 1
   in the 3x3 stem and in the 24-channel stage, so 32 -> 4): 3x3 conv 32 - 17 inverted
   residual blocks (expansion, channels, repeats, first stride: 1-16-1-1, 6-24-2-1, 6-32-3-2,
