@@ -43,7 +43,7 @@ VARIANTS = {
     # the combination: groups for what devices learn together, personal for each one's own
     "groups-5+personal-2": ("cad.groups=5", "cad.personal=2"),
 }
-SETTINGS = ("digits", "xdev-2cls", "xdev-5cls", "paper-flcnn")
+SETTINGS = ("digits", "xdev-2cls", "xdev-5cls", "paper-flcnn", "paper-alexnet")
 DIGITS_LRS = (0.03, 0.1, 0.3)  # compare.py's digits setting was tuned into its preset
 
 

@@ -42,8 +42,9 @@ def test_goals_hold_or_not_from_the_numbers():
 
 
 def test_every_variant_is_swept_and_run_and_reported_from_its_own_runs(tmp_path, monkeypatch):
+    # The setting itself turns an option beyond the paper on: each variant must undo it.
     tiny = compare.Setting("digits-10x5.toml", ("devices=4", "rounds=2", "data_fraction=0.3",
-                                                "eval_every=1"),
+                                                "eval_every=1", "cad.calibrate=1"),
                            ("cad",), (0.05, 0.2), 2, "digits, 4 devices, 2 rounds (a test)")
     monkeypatch.setitem(compare.SETTINGS, "tiny", tiny)
     monkeypatch.setattr(cad_variants, "RUNS", tmp_path / "runs")
@@ -62,7 +63,7 @@ def test_every_variant_is_swept_and_run_and_reported_from_its_own_runs(tmp_path,
         assert f"| **{variant}** |" in text and cell in text.split(f"**{variant}**")[1]
     personal = load_first_config(tmp_path / "runs" / "tiny" / "personal" / "seed-0")
     assert personal.options_of("cad").personal == 1
-    # A variant is plain CAD plus its own options, not plus cadfl's defaults beyond the paper.
+    # A variant is plain CAD plus its own options, not plus the setting's options beyond it.
     assert personal.options_of("cad").calibrate == 0.0
     monkeypatch.setattr(cad_variants, "RUNS", tmp_path / "gone")  # a clean checkout
     assert cad_variants.report([*cad_variants.SETTINGS, "tiny"]) == text

@@ -214,7 +214,8 @@ def run_on_loopback(cfg, out, digits, grid=None, **kwargs):
 def test_flower_protocol_reproduces_the_engine_exactly(tmp_path, digits):
     """The whole ServerApp path (partition discovery, codec, ClientApp) against the engine:
     identical metric lines and checkpoints."""
-    cfg = small('algorithms=["cad", "fedavg", "central"]')
+    # Calibrated CAD, so that the devices' own evaluation messages are in the protocol too.
+    cfg = small('algorithms=["cad", "fedavg", "central"]', "cad.calibrate=1")
     own = run_experiment(cfg, tmp_path / "own", quiet=True, dataset=digits)
     via, grid = run_on_loopback(cfg, tmp_path / "flower", digits)
     assert without_wall(via) == without_wall(own)
@@ -225,8 +226,8 @@ def test_flower_protocol_reproduces_the_engine_exactly(tmp_path, digits):
         assert all(torch.equal(s1[k], s2[k]) for k in s1), a
     # One query round, then one message per device per round for CAD and FedAvg
     # (central trains on the pooled data in the ServerApp and sends nothing), and one per
-    # device per evaluation for CAD: its global model is calibrated (cad.calibrate = 1), so
-    # the devices score their own, uncalibrated sub-models.
+    # device per evaluation for CAD: its global model is calibrated, so the devices score
+    # their own, uncalibrated sub-models.
     evaluations = sum(r % cfg.eval_every == 0 or r == cfg.rounds for r in range(1, cfg.rounds + 1))
     assert grid.sent == cfg.devices + (2 * cfg.rounds + evaluations) * cfg.devices
     assert grid.told == cfg.devices  # the config goes to a node once per run

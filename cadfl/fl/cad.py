@@ -88,9 +88,9 @@ class CADOptions:
     personal: int = 0  # personal paths: the last N conv/linear layers' own copy per device
     personal_epochs: int = 5  # epochs fitting that copy on frozen features, each round
     path_lr: float = 1.0  # the class paths' learning rate, as a factor of train.lr
-    # tau: the global model's logit rows over their norm ** tau; 1, cadfl's default, won on
-    # validation across settings (docs/results/cad-variants.md)
-    calibrate: float = 1.0
+    # tau: the global model's logit rows over their norm ** tau (0: off; plain CAD won on
+    # validation across settings, docs/results/cad-variants.md)
+    calibrate: float = 0.0
     groups: int = 0  # paths for groups of classes (0: one per class, the paper's)
     grouping: str = "cooccur"  # which classes share a group: "cooccur" on devices, "even"
     variant: str = "cadfl"  # "paper": plain CAD, the options beyond the paper (PAPER) off
