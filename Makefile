@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,flower,mobile]'
+	$(PY) -m pip install --quiet -e '.[dev,flower,mobile,train-mobile]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -273,7 +273,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--out ctx.onnx\n"
         "  cadfl export RUN/checkpoints/fedavg.safetensors --classes 3 5 --out dense-3-5.onnx\n"
         "  cadfl export RUN/checkpoints/cad.safetensors --classes 1 --format torchscript "
-        "--out one.pt")
+        "--out one.pt\n"
+        "  cadfl export RUN/checkpoints/cad.safetensors --classes 3 5 --trainable --report "
+        "--out train-3-5.pte")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a run's checkpoints/NAME.safetensors (or its .json); RUN/config.toml "
                    "names the dataset")
@@ -302,6 +304,18 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-images", type=int, default=1000, metavar="N",
                    help="test images of the classes used for the check and for accuracy "
                    "(a seeded draw; default 1000)")
+    p.add_argument("--trainable", action="store_true",
+                   help="write an on-device training program instead (ExecuTorch .pte, with "
+                   "FILE.json beside it): forward, restricted loss and gradients of one step, "
+                   "batch norm in training mode; the app runs ExecuTorch's SGD on its "
+                   "gradients. Checked by --check-steps SGD steps in ExecuTorch's runtime "
+                   "against PyTorch's; --report adds program bytes, peak memory and step "
+                   "latency against the full model. Needs pip install 'cadfl[train-mobile]'")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="--trainable: the largest batch the program takes (default: the run's "
+                   "train.batch_size)")
+    p.add_argument("--check-steps", type=int, default=5, metavar="K",
+                   help="--trainable: SGD steps compared with PyTorch's (default 5)")
     p.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: the run's)")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
     p.set_defaults(handler=_cmd_export)
@@ -311,8 +325,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export.command import export_command
     from .export.model import ExportError
 
-    for name in ("calibration", "repeats", "test_images"):
-        if getattr(args, name) < 1:
+    for name in ("calibration", "repeats", "test_images", "check_steps", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     try:
         return export_command(args)

@@ -24,6 +24,8 @@ from .report import measure, report_table
 
 def export_command(args: argparse.Namespace) -> int:
     """`cadfl export`: write, check and (with --report) measure a context model file."""
+    if args.trainable:
+        return trainable_command(args)
     onnx_needed = args.format == "onnx" or args.int8 or args.report is not None
     if args.format != "onnx" and (args.int8 or args.report is not None):
         raise ExportError("--int8 and --report work on ONNX files: use --format onnx")
@@ -81,4 +83,50 @@ def export_command(args: argparse.Namespace) -> int:
         print(report_table(rows))
         print(f"wrote {path}")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def trainable_command(args: argparse.Namespace) -> int:
+    """`cadfl export --trainable`: write the training program, checked step by step against
+    PyTorch in ExecuTorch's runtime, and (with --report) measure it against the full model's."""
+    from . import trainable as t
+
+    if args.int8 or args.format != "onnx" or args.others:
+        raise ExportError("--trainable writes a float ExecuTorch program of the context's "
+                          "classes: drop --int8, --format and --others")
+    t.require_executorch()
+    out = Path(args.out)
+    src = load_source(args.checkpoint, args.data_dir)
+    train = t.run_train_config(src)
+    batch = args.batch_size or train.batch_size
+    model = context_model(src, args.classes)
+    ds = src.dataset
+    x, y = class_images(ds.train_x, ds.train_y, args.classes, batch * args.check_steps)
+    data = t.batches(x, t.output_labels(model, y), batch, args.check_steps)
+    program = t.training_program(model, batch)
+    diffs = t.check_training(model, program, data, train)
+    print(f"{model.kind} of classes {list(model.classes)}: {args.check_steps} SGD steps (lr "
+          f"{train.lr}, momentum {train.momentum}, weight decay {train.weight_decay}, batch "
+          f"{batch}) in ExecuTorch's runtime match PyTorch's in float64 (largest relative "
+          f"weight difference {max(diffs['float64']):.1e}, tolerance "
+          f"{t.TRAIN_TOLERANCE:.0e}; from PyTorch's float32 steps {max(diffs['float32']):.1e})")
+    names = t.train_step(model).buffer_names
+    meta = t.metadata(model, batch, train, names)
+    if args.report is not None:
+        full = full_model(src)
+        programs = {"context": (model, program), "full": (full, t.training_program(full, batch))}
+        rows = t.measure_training(programs, x, y, batch, train, args.repeats)
+        meta_report = {"checkpoint": str(src.path), "checkpoint_sha256": src.record["sha256"],
+                       "classes": list(model.classes), "batch_size": batch,
+                       "latency": {"threads": 1, "repeats": args.repeats,
+                                   "statistic": "median"}, "models": rows}
+        path = Path(args.report) if args.report else out.with_suffix(".report.json")
+        path.write_text(json.dumps(meta_report, indent=1))
+        print(t.training_table(rows))
+        print(f"wrote {path}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, lambda p: p.write_bytes(program))
+    side = out.with_name(out.name + ".json")
+    side.write_text(json.dumps(meta, indent=1))
+    print(f"wrote {out} ({len(program) / 1e6:.2f} MB) and {side}")
     return 0

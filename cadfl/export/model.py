@@ -148,7 +148,8 @@ class Inference(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for a uint8 batch N x H x W x C."""
-        x = images.permute(0, 3, 1, 2).to(torch.float32)
+        # NCHW in memory too: ExecuTorch's kernels want one dim order across an operator.
+        x = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
         return self.net((x - self.shift) / self.scale)
 
 def pytorch_logits(model: ExportModel, images: torch.Tensor) -> torch.Tensor:
