@@ -105,6 +105,7 @@ def exported(tmp_path_factory, digits) -> tuple[Path, Path]:
     return ckpt, root / "train-3-5.pte"
 
 
+@pytest.mark.slow  # a CAD run and an export: ~40 s, over make test's budget
 def test_program_trains_step_for_step_as_the_device_does(exported, capsys):
     """Five SGD steps in ExecuTorch's runtime (the last a partial batch of 5 images) against
     cadfl's device step from the same start, in float64: every weight and running statistic
@@ -152,6 +153,7 @@ def test_program_trains_step_for_step_as_the_device_does(exported, capsys):
               "float32")
 
 
+@pytest.mark.slow  # a CAD run and an export: ~40 s, over make test's budget
 def test_weights_read_out_and_written_in_by_name(exported):
     ckpt, pte = exported
     model = xmodel.context_model(xmodel.load_source(ckpt), [3, 5])
@@ -171,6 +173,7 @@ def test_weights_read_out_and_written_in_by_name(exported):
     assert not torch.equal(et.state()["conv1.weight"], new["conv1.weight"])
 
 
+@pytest.mark.slow  # a CAD run and an export: ~40 s, over make test's budget
 def test_metadata_names_classes_spec_round_and_checkpoint(exported, capsys):
     ckpt, pte = exported
     meta = json.loads(pte.with_name(pte.name + ".json").read_text())
@@ -182,6 +185,7 @@ def test_metadata_names_classes_spec_round_and_checkpoint(exported, capsys):
     assert all(".running_" in b or "num_batches" in b for b in meta["buffers"])
 
 
+@pytest.mark.slow  # a CAD run and an export: ~40 s, over make test's budget
 def test_bad_trainable_requests_fail_in_one_line(exported, tmp_path, capsys):
     ckpt, _ = exported
     out = tmp_path / "x.pte"
