@@ -41,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -252,15 +251,6 @@ def check_training(model: ExportModel, program: bytes, data: list[tuple[torch.Te
                                   f"PyTorch's (float64) by {rel[worst]:.2e} (relative; "
                                   f"tolerance {TRAIN_TOLERANCE:.0e})")
     return diffs
-
-
-@dataclass(frozen=True)
-class StepCost:
-    """What one training step costs on the device: latency (ms, median) and peak memory
-    (bytes above the process's footprint before the model was loaded)."""
-
-    latency_ms: float
-    peak_bytes: int
 
 
 def step_latency(programs: dict[str, tuple[ExportModel, bytes]],
