@@ -68,14 +68,17 @@ class Runtime(Executor):
     """Runs jobs one after another (or in same-shape batches) on local data.
 
     `data_of(d)` gives device d's data (on the compute device); `store` keeps what devices
-    keep between rounds.
+    keep between rounds; `task` runs one prepared payload (PyTorch's `run_task`, or e.g.
+    ExecuTorch's `train_executorch`; batches of devices always train in PyTorch).
     """
 
     def __init__(self, data_of: Callable[[int], DeviceData], store: DeviceStore | None = None,
-                 batch_devices: int = 1) -> None:
+                 batch_devices: int = 1,
+                 task: Callable[[Payload, DeviceData], Update] = run_task) -> None:
         self.data_of = data_of
         self.store = store if store is not None else DeviceStore()
         self.batch_devices = batch_devices
+        self.task = task
 
     def prepare(self, device: int, payload: Payload) -> Payload:
         """The payload the device actually trains: with its own kept tensors."""
@@ -104,7 +107,7 @@ class Runtime(Executor):
     def run(self, device: int, payload: Payload) -> Update:
         """One job, start to end."""
         prepared = self.prepare(device, payload)
-        return self.finish(device, prepared, run_task(prepared, self.data_of(device)))
+        return self.finish(device, prepared, self.task(prepared, self.data_of(device)))
 
     def __call__(self, jobs: Iterable[Job]) -> Iterator[Result]:
         """Results in job order, produced as the jobs are pulled."""

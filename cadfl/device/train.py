@@ -7,7 +7,7 @@ spec says which class each logit stands for, and samples of other classes are le
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cad.preference import class_activation_sums
-from ..data.augment import random_crop_flip, to_float
+from ..data.augment import crop_flip, crop_flip_draws, to_float
 from ..fl.payload import (
     CONTROL,
     OWN_CONTROL,
@@ -117,7 +117,7 @@ def train_local(payload: Payload, data: DeviceData) -> Update:
     received = model_part(payload.state)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        loop = _LocalSGD(payload, data, rows, y, torch.Generator(dev).manual_seed(cfg.seed))
+        loop = LocalSGD(payload, data, rows, y, torch.Generator(dev).manual_seed(cfg.seed))
         model = load_model(spec, received, dev).train()
         out: State = {}
         control = _control_terms(payload.state, dev) if cfg.control else None
@@ -169,7 +169,7 @@ def _lr_groups(params: dict[str, nn.Parameter], cfg: TrainConfig) -> list[dict]:
     return [{"params": ps, "lr": cfg.lr * f} for f, ps in groups.items()]
 
 
-def _fit_personal(payload: Payload, data: DeviceData, loop: _LocalSGD, received: State
+def _fit_personal(payload: Payload, data: DeviceData, loop: LocalSGD, received: State
                   ) -> tuple[State, float]:
     """The device's copy of its `personal_head` layers (the received ones the first time)
     fitted for `personal_epochs` epochs of SGD on the features that the received model's
@@ -237,7 +237,7 @@ def _grown(mine: torch.Tensor, like: torch.Tensor, fill: torch.Tensor) -> torch.
     return torch.cat([mine.to(fill.dtype), fill[len(mine):]])
 
 
-class _LocalSGD:
+class LocalSGD:
     """The local SGD loop over one device's samples, shared by every phase of `train_local`:
     it draws batch order and augmentation from one generator and counts steps, samples and
     loss across phases (the straggler's step budget included)."""
@@ -271,7 +271,7 @@ class _LocalSGD:
         stays out of the momentum buffer: fed through it (added to the gradient) it diverged
         on paper-flcnn at lr 0.01 and momentum 0.9, where the same correction after the step
         (as NIID-Bench's `train_net_scaffold` applies it) and plain SGD are stable."""
-        cfg, data, n = self.cfg, self.data, len(self.y)
+        cfg, data = self.cfg, self.data
         for p in model.parameters():
             p.requires_grad_(False)
         for p in params.values():
@@ -285,6 +285,31 @@ class _LocalSGD:
                               weight_decay=cfg.weight_decay, foreach=True)
         drift = ([control[k][0] - control[k][1] for k in names] if control is not None
                  else None)  # c - c_i, the same at every step of the round
+        for idx, draws in self.batches(epochs):
+            xb = to_float(data.images[self.rows[idx]], data.mean, data.std)
+            if draws is not None:
+                xb = crop_flip(xb, data.crop_padding, *draws)
+            with autocast(cfg.precision, data.compute):
+                logits = model(xb)
+                if self.mask is not None:
+                    logits = logits + self.mask
+                ce = F.cross_entropy(logits.float(), self.y[idx])
+            loss = ce if centre is None else ce + penalty(params, centre)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if drift is not None:
+                with torch.no_grad():
+                    for w, d in zip(plist, drift, strict=True):
+                        w.sub_(d, alpha=cfg.lr)
+            self.record(ce.detach(), len(idx))
+
+    def batches(self, epochs: int) -> Iterator[tuple[torch.Tensor, tuple | None]]:
+        """`epochs` epochs of batches, as each step's sample indices (into `rows` and `y`) and
+        its augmentation draws (`crop_flip_draws`; None without augmentation), drawn from the
+        loop's generator as they are taken; counts the steps and ends at the step budget."""
+        cfg, data, n = self.cfg, self.data, len(self.y)
+        augment = cfg.augment and (data.crop_padding > 0 or data.flip)
         for _ in range(epochs):
             order = torch.randperm(n, generator=self.gen, device=data.compute)
             for start in range(0, n, cfg.batch_size):
@@ -292,24 +317,13 @@ class _LocalSGD:
                     return
                 self.steps_done += 1
                 idx = order[start:start + cfg.batch_size]
-                xb = to_float(data.images[self.rows[idx]], data.mean, data.std)
-                if cfg.augment:
-                    xb = random_crop_flip(xb, data.crop_padding, data.flip, self.gen)
-                with autocast(cfg.precision, data.compute):
-                    logits = model(xb)
-                    if self.mask is not None:
-                        logits = logits + self.mask
-                    ce = F.cross_entropy(logits.float(), self.y[idx])
-                loss = ce if centre is None else ce + penalty(params, centre)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if drift is not None:
-                    with torch.no_grad():
-                        for w, d in zip(plist, drift, strict=True):
-                            w.sub_(d, alpha=cfg.lr)
-                self.loss_sum += ce.detach() * len(idx)
-                self.seen += len(idx)
+                yield idx, (crop_flip_draws(len(idx), data.crop_padding, data.flip, self.gen)
+                            if augment else None)
+
+    def record(self, loss: torch.Tensor | float, samples: int) -> None:
+        """Count a step's mean cross-entropy `loss` over `samples` samples."""
+        self.loss_sum += loss * samples
+        self.seen += samples
 
     def mean_loss(self) -> float:
         """Mean cross-entropy per sample seen."""

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fl.payload import State, TrainConfig
-from ..models import build_loaded
+from ..models import ModelSpec, build_loaded
 from .model import ExportError, ExportModel, Inference
 
 # The joint-graph operators lowered through torch's decompositions instead of their ExecuTorch
@@ -86,32 +86,46 @@ class TrainStep(nn.Module):
         return (loss, *(b.clone() for b in self.infer.net.buffers()))
 
 
-def train_step(model: ExportModel, dropout: bool = True) -> TrainStep:
-    """The model's training step in PyTorch (train mode; dropout off when `dropout` is False,
-    for a check that must draw no random masks)."""
-    ds = model.source.dataset
+def training_step(spec: ModelSpec, state: State, mean: Any, std: Any,
+                  dropout: bool = True) -> TrainStep:
+    """The training step of network `spec` with weights `state` in PyTorch (train mode;
+    dropout off when `dropout` is False, for a check that must draw no random masks)."""
     # ExecuTorch's portable kernels want one dim order per operator: all NCHW.
-    net = build_loaded(model.spec, model.state).to(memory_format=torch.contiguous_format)
+    net = build_loaded(spec, state).to(memory_format=torch.contiguous_format)
     net.train()
     if not dropout:
         for m in net.modules():
             if isinstance(m, nn.Dropout):
                 m.eval()
-    return TrainStep(net, ds.mean, ds.std)
+    return TrainStep(net, mean, std)
+
+
+def train_step(model: ExportModel, dropout: bool = True) -> TrainStep:
+    """The export model's training step in PyTorch (see `training_step`)."""
+    ds = model.source.dataset
+    return training_step(model.spec, model.state, ds.mean, ds.std, dropout)
 
 
 def training_program(model: ExportModel, batch_size: int, dropout: bool = True) -> bytes:
-    """The ExecuTorch program (`.pte` bytes) of the model's training step for batches of 1 to
-    `batch_size` images (the runtime plans memory for the largest)."""
+    """The ExecuTorch program (`.pte` bytes) of the export model's training step for batches
+    of 1 to `batch_size` images (the runtime plans memory for the largest)."""
+    return step_program(train_step(model, dropout), model.spec, batch_size)
+
+
+def step_program(step: TrainStep, spec: ModelSpec, batch_size: int) -> bytes:
+    """The ExecuTorch program of training step `step` of network `spec`, for batches of 1 to
+    `batch_size` (at least 2) images."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
     from torch._decomp import get_decompositions
     from torch.export.experimental import _export_forward_backward
 
-    c, h, w = model.spec.input_shape
+    if batch_size < 2:  # torch.export specialises a dimension of size 1
+        raise ExportError(f"a training program needs a batch size of at least 2, not "
+                          f"{batch_size}")
+    c, h, w = spec.input_shape
     example = (torch.zeros(batch_size, h, w, c, dtype=torch.uint8),
                torch.zeros(batch_size, dtype=torch.long))
-    step = train_step(model, dropout)
     # The runtime leaves mutable buffers uninitialised unless told: the running statistics
     # would start from whatever the memory held, not from the checkpoint's.
     kept = InitializedMutableBufferPass(sorted({n.rsplit(".", 1)[-1] for n in step.buffer_names}))
@@ -124,7 +138,7 @@ def training_program(model: ExportModel, batch_size: int, dropout: bool = True) 
         edge = to_edge(joint, compile_config=EdgeCompileConfig(_check_ir_validity=False))
         return edge.to_executorch(ExecutorchBackendConfig(passes=[kept])).buffer
     except Exception as err:  # torch.export and ExecuTorch raise many types; say which step
-        raise ExportError(f"the joint (forward + backward) export of {model.spec.name} failed: "
+        raise ExportError(f"the joint (forward + backward) export of {spec.name} failed: "
                           f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
 
 
@@ -303,7 +317,6 @@ def _peak_of_one_pytorch_step(spec_state: Path, inputs: Path) -> None:
     """Child process: the same for a PyTorch step (model built, forward, backward, SGD)."""
     torch.set_num_threads(1)
     spec_dict, state, mean, std, train = torch.load(spec_state)
-    from ..models import ModelSpec
 
     x, y = torch.load(inputs)
     base = _reset_peak()

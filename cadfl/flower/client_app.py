@@ -12,12 +12,14 @@ cadfl's `Runtime` does: its kept tensors in, `run_task`, what it keeps stored in
 `Context.state` (`NodeStore`), private tensors left out of the reply. An "evaluate" message
 scores the device's own model (with what it keeps) on the test images of its classes (its own
 held-out images for a node with its own data, answered as counts) and answers with the scores
-only.
+only. A node started with `trainer=executorch` trains in ExecuTorch's runtime instead of
+PyTorch (`cadfl.device.train_executorch`); it evaluates in PyTorch.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -25,14 +27,18 @@ from flwr.clientapp import ClientApp
 
 from ..config import Config, config_from_dict
 from ..device.executor import Runtime
+from ..device.train import DeviceData, run_task
 from ..engine.evaluate import score_device
 from ..engine.experiment import Experiment
+from ..fl.payload import Payload, Update
 from .codec import decode_payload, encode_update
 from .own_data import NodeData, RunData
 from .store import NodeStore
 
 PARTITION_ID = "partition-id"
 DATA_DIR = "data-dir"  # optional node config: the node's own images (one folder per class)
+TRAINER = "trainer"  # optional node config: "pytorch" (the default) or "executorch"
+TRAINERS = ("pytorch", "executorch")
 IDENTITY = "identity"
 EXPERIMENT = "experiment"
 CLASSES, COUNTS = "classes", "counts"  # a node's own classes and its images of each
@@ -109,6 +115,18 @@ def node_run(msg: Message, context: Context) -> tuple[str, str]:
     return str(told[EXPERIMENT]), str(told["data"])
 
 
+def node_task(context: Context) -> Callable[[Payload, DeviceData], Update]:
+    """How this node runs a payload: in PyTorch (`run_task`), or with `trainer=executorch`
+    training in ExecuTorch's runtime (`train_executorch`), as a phone would."""
+    trainer = str(context.node_config.get(TRAINER, "pytorch"))
+    if trainer not in TRAINERS:
+        raise ValueError(f"trainer={trainer!r} is not a trainer; valid: {', '.join(TRAINERS)}")
+    if trainer == "pytorch":
+        return run_task
+    from ..device.train_executorch import train_executorch
+    return train_executorch
+
+
 def node_runtime(msg: Message, context: Context
                  ) -> tuple[Runtime, int, Experiment | None, NodeData | None, RunData | None]:
     """The device side of this node for the message's round: a `Runtime` on the node's data
@@ -122,10 +140,12 @@ def node_runtime(msg: Message, context: Context
     if own is not None:
         run = RunData.from_json(run_data)
         data = own.device_data(run)
-        return Runtime(lambda _: data, store), node_partition(context), None, own, run
+        return (Runtime(lambda _: data, store, task=node_task(context)),
+                node_partition(context), None, own, run)
     exp = node_experiment(experiment, context)
     exp.enter_round(int(cfg["round"]))
-    return Runtime(exp.data, store), node_partition(context), exp, None, None
+    return (Runtime(exp.data, store, task=node_task(context)), node_partition(context), exp,
+            None, None)
 
 
 @app.query()

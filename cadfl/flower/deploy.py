@@ -166,6 +166,8 @@ class Deployment:
     node_ports: list[int] = field(default_factory=list)
     nodes: dict[int, subprocess.Popen] = field(default_factory=dict)  # SuperNodes by partition
     data_dirs: dict[int, Path] = field(default_factory=dict)  # SuperNode i's own images
+    # SuperNode i's further node config, e.g. "trainer=executorch"
+    node_settings: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir).resolve()
@@ -279,6 +281,8 @@ class Deployment:
         node_config = f"partition-id={i} num-partitions={self.num_nodes}"
         if i in self.data_dirs:
             node_config += f' data-dir="{Path(self.data_dirs[i]).resolve()}"'
+        if i in self.node_settings:
+            node_config += f" {self.node_settings[i]}"
         node = self._start(f"supernode-{i}", [
             _tool("flower-supernode"), *security,
             "--superlink", f"{HOST}:{self.superlink_port}",
@@ -365,14 +369,20 @@ def _on_sigterm_interrupt():
 
 def deploy_experiment(config: str | None, overrides: list[str], out: Path,
                       timeout: float = 900.0, tls: TLS | None = None,
-                      auth: bool = False) -> list[dict]:
+                      auth: bool = False, node_settings: dict[int, str] | None = None
+                      ) -> list[dict]:
     """Run the experiment of `config` + `overrides` through a local deployment with one
-    SuperNode per device; writes run directory `out` and returns its metric lines."""
+    SuperNode per device (SuperNode i with the further node config `node_settings[i]`, e.g.
+    "trainer=executorch"); writes run directory `out` and returns its metric lines."""
     cfg = load_config(config, overrides)  # fails here, before any process, on a bad config
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     expected = cfg.rounds * len(cfg.algorithms)
-    deployment = Deployment(out, cfg.devices, tls, auth)
+    bad = sorted(set(node_settings or {}) - set(range(cfg.devices)))
+    if bad:
+        raise DeployError(f"node settings for SuperNodes {bad}, but the run has SuperNodes "
+                          f"0..{cfg.devices - 1}")
+    deployment = Deployment(out, cfg.devices, tls, auth, node_settings=dict(node_settings or {}))
     old = _on_sigterm_interrupt()
     try:
         start = time.monotonic()
