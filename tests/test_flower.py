@@ -605,6 +605,33 @@ def test_deployment_loopback_cad_two_supernodes(tmp_path, digits):
     assert set(flower_children()) <= before
 
 
+@pytest.mark.slow  # ~3-4 min on 2 cores: node 1 exports an ExecuTorch program every round
+def test_deployment_with_an_executorch_node_lands_on_the_engines_run(tmp_path, digits):
+    """SuperNode 0 trains in PyTorch, SuperNode 1 in ExecuTorch's runtime (`trainer=
+    executorch`): 3 rounds of CAD land within float tolerance of the own engine, and not
+    bit for bit (so node 1 did train in the other runtime). Without augmentation, whose
+    padding colour the ExecuTorch node rounds to a grey level. The tolerance: digits' few grey
+    levels leave exact ties in max-pool windows, which float32 convolutions of the two
+    runtimes break differently (~1e-3 relative in the weights after 10 steps, measured in
+    `cadfl export --trainable`'s check); a wrong step moves weights by lr * |g|, far more."""
+    pytest.importorskip("executorch", reason="needs cadfl[train-mobile]")
+    from cadfl.engine.checkpoint import load_checkpoint
+    from cadfl.flower.deploy import deploy_experiment
+    overrides = ["devices=2", "rounds=3", "data_fraction=0.5", 'algorithms=["cad"]',
+                 "train.augment=false"]
+    out = tmp_path / "deploy"
+    lines = deploy_experiment(BASE, overrides, out, timeout=600,
+                              node_settings={1: "trainer=executorch"})
+    own = run_experiment(load_config(BASE, overrides), tmp_path / "own", quiet=True,
+                         dataset=digits)
+    assert accs(lines, "cad") == pytest.approx(accs(own, "cad"), abs=0.01)
+    got, _ = load_checkpoint(out / "checkpoints", "cad")
+    want, _ = load_checkpoint(tmp_path / "own" / "checkpoints", "cad")
+    rel = {k: float((got[k].double() - want[k].double()).abs().max())
+           / max(1.0, float(want[k].double().abs().max())) for k in want}
+    assert 0 < max(rel.values()) <= 1e-2, max(rel.values())
+
+
 @pytest.mark.slow  # ~2-3 min on 2 cores: 5 message rounds, a fresh ClientApp per message
 def test_deployment_nodes_train_on_their_own_images(tmp_path, digits):
     """Three SuperNodes, each started with `data-dir` = a folder of its own PNG images (two
