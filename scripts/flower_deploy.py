@@ -8,7 +8,7 @@ timeout or Ctrl-C).
     .venv/bin/python scripts/flower_deploy.py configs/digits-10x5.toml --out runs/deploy-tls \\
         --ssl-certfile server.pem --ssl-keyfile server.key --ssl-ca-certfile ca.pem
     .venv/bin/python scripts/flower_deploy.py --set devices=2 --set 'algorithms=["cad"]' \
-        --node 1:trainer=executorch --out runs/deploy-executorch
+        --node '1:trainer="executorch"' --out runs/deploy-executorch
 
 The run directory gets what `cadfl run` writes, plus logs/ (one log per daemon and the
 `flwr run` output) and flwr-home/ (FLWR_HOME of every process of the run).
@@ -37,14 +37,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="SuperNode authentication (needs TLS): a key pair per node in "
                    "RUN_DIR/keys, registered with `flwr supernode register` before it starts")
     p.add_argument("--node", dest="nodes", action="append", default=[], metavar="I:SETTINGS",
-                   help="further node config of SuperNode I, e.g. '1:trainer=executorch' "
-                   "(that node trains in ExecuTorch's runtime; needs cadfl[train-mobile])")
+                   help="further node config of SuperNode I in Flower's syntax (strings "
+                   "quoted), e.g. '1:trainer=\"executorch\"': that node trains in ExecuTorch's "
+                   "runtime (needs cadfl[train-mobile])")
     args = p.parse_args(argv)
     node_settings = {}
     for item in args.nodes:
         index, sep, settings = item.partition(":")
         if not (sep and index.isdigit() and settings):
-            p.error(f"--node {item!r}: expected I:KEY=VALUE, e.g. 1:trainer=executorch")
+            p.error(f"--node {item!r}: expected I:KEY=VALUE, e.g. 1:trainer=\"executorch\"")
         node_settings[int(index)] = settings
 
     from cadfl.config import ConfigError, load_config

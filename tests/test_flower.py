@@ -621,7 +621,7 @@ def test_deployment_with_an_executorch_node_lands_on_the_engines_run(tmp_path, d
                  "train.augment=false"]
     out = tmp_path / "deploy"
     lines = deploy_experiment(BASE, overrides, out, timeout=600,
-                              node_settings={1: "trainer=executorch"})
+                              node_settings={1: 'trainer="executorch"'})
     own = run_experiment(load_config(BASE, overrides), tmp_path / "own", quiet=True,
                          dataset=digits)
     assert accs(lines, "cad") == pytest.approx(accs(own, "cad"), abs=0.01)

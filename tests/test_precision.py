@@ -110,6 +110,7 @@ def last_context(precision: str, seed: int, out: Path) -> float:
     return run_experiment(cfg, out, quiet=True)[-1]["context_acc"]
 
 
+@pytest.mark.slow  # ~100 s where bf16 is emulated (no AVX512-BF16/AMX), over make test's budget
 def test_bf16_lands_within_seed_noise_of_fp32_on_the_digits_default(tmp_path):
     """Three seeds at each precision (FedAvg, 12 rounds): the means differ by less than the
     spread of the seeds, and bf16 really computed something else."""
