@@ -7,7 +7,7 @@ timeout or Ctrl-C).
         --set 'algorithms=["cad"]' --out runs/deploy-demo
     .venv/bin/python scripts/flower_deploy.py configs/digits-10x5.toml --out runs/deploy-tls \\
         --ssl-certfile server.pem --ssl-keyfile server.key --ssl-ca-certfile ca.pem
-    .venv/bin/python scripts/flower_deploy.py --set devices=2 --set 'algorithms=["cad"]' \
+    .venv/bin/python scripts/flower_deploy.py --set devices=2 --set 'algorithms=["cad"]' \\
         --node '1:trainer="executorch"' --out runs/deploy-executorch
 
 The run directory gets what `cadfl run` writes, plus logs/ (one log per daemon and the

@@ -473,6 +473,15 @@ def test_node_errors_are_dropouts(tmp_path, digits, caplog):
         FlowerExecutor(LoopbackGrid(0), cfg, wait=0.1)
 
 
+def test_an_unknown_trainer_is_refused_in_one_line():
+    context = Context(run_id=1, node_id=0, node_config={"partition-id": 0, "trainer": "tflite"},
+                      state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="'tflite' is not a trainer; valid: pytorch, executorch"):
+        client_app.node_task(context)
+    assert client_app.node_task(replace(context, node_config={"partition-id": 0})) is \
+        client_app.run_task
+
+
 def test_run_config_builds_the_experiment(tmp_path):
     from cadfl.flower.server_app import config_from_run_config
     cfg, out, timeout = config_from_run_config({
@@ -707,6 +716,7 @@ def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
+@pytest.mark.slow  # ~55 s; test_deployment_with_supernode_authentication covers TLS in make test
 def test_deployment_over_tls_with_a_self_signed_certificate(tmp_path):
     """The SuperLink serves HTTPS with a certificate this test makes; SuperNodes and flwr
     verify it against the test's CA; a plain-HTTP or unverified client is refused."""

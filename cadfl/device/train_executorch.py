@@ -1,6 +1,6 @@
 """A device's local training in ExecuTorch's runtime instead of PyTorch: what a phone runs.
 
-A Flower SuperNode started with `--node-config 'trainer=executorch'` trains each round's model
+A Flower SuperNode started with `--node-config 'trainer="executorch"'` trains each round's model
 this way (`cadfl.flower.client_app`). The payload's model, with its received weights, becomes
 an ExecuTorch training program (`cadfl.export.trainable`: forward, restricted loss and
 backward in one graph, batch norm in training mode, uint8 N x H x W x C input normalised

@@ -12,7 +12,7 @@ cadfl's `Runtime` does: its kept tensors in, `run_task`, what it keeps stored in
 `Context.state` (`NodeStore`), private tensors left out of the reply. An "evaluate" message
 scores the device's own model (with what it keeps) on the test images of its classes (its own
 held-out images for a node with its own data, answered as counts) and answers with the scores
-only. A node started with `trainer=executorch` trains in ExecuTorch's runtime instead of
+only. A node started with `trainer="executorch"` trains in ExecuTorch's runtime instead of
 PyTorch (`cadfl.device.train_executorch`); it evaluates in PyTorch.
 """
 
@@ -116,7 +116,7 @@ def node_run(msg: Message, context: Context) -> tuple[str, str]:
 
 
 def node_task(context: Context) -> Callable[[Payload, DeviceData], Update]:
-    """How this node runs a payload: in PyTorch (`run_task`), or with `trainer=executorch`
+    """How this node runs a payload: in PyTorch (`run_task`), or with `trainer="executorch"`
     training in ExecuTorch's runtime (`train_executorch`), as a phone would."""
     trainer = str(context.node_config.get(TRAINER, "pytorch"))
     if trainer not in TRAINERS:

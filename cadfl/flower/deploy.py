@@ -166,7 +166,7 @@ class Deployment:
     node_ports: list[int] = field(default_factory=list)
     nodes: dict[int, subprocess.Popen] = field(default_factory=dict)  # SuperNodes by partition
     data_dirs: dict[int, Path] = field(default_factory=dict)  # SuperNode i's own images
-    # SuperNode i's further node config, e.g. "trainer=executorch"
+    # SuperNode i's further node config, e.g. 'trainer="executorch"' (Flower's syntax)
     node_settings: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -373,7 +373,7 @@ def deploy_experiment(config: str | None, overrides: list[str], out: Path,
                       ) -> list[dict]:
     """Run the experiment of `config` + `overrides` through a local deployment with one
     SuperNode per device (SuperNode i with the further node config `node_settings[i]`, e.g.
-    "trainer=executorch"); writes run directory `out` and returns its metric lines."""
+    'trainer="executorch"'); writes run directory `out` and returns its metric lines."""
     cfg = load_config(config, overrides)  # fails here, before any process, on a bad config
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
